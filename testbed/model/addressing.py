@@ -1,0 +1,177 @@
+"""Address plan: interface names and addresses, routes, policy rules and MPTCP endpoints
+derived from a topology spec. Pure computation; the runtime applies it with netlink.
+
+Every link gets the next /30 of its path's pool. Routes are shortest paths (ties go to the
+link declared first, which makes the primary path the client's default). There is no
+default route anywhere: a testbed host can reach only testbed addresses. A host with
+several interfaces gets one routing table per interface and a ``from ADDR`` rule for each,
+without which the kernel would never send a subflow out of the second interface.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from dataclasses import dataclass, field
+
+from testbed.errors import SpecError
+from testbed.model.topology import LinkSpec, TopologySpec
+
+FIRST_POLICY_TABLE = 100
+FIRST_RULE_PRIORITY = 1000
+FORWARDING_ROLES = ("router", "middlebox")
+MULTIHOMED_ROLES = ("client", "server")
+
+
+@dataclass(frozen=True)
+class InterfacePlan:
+    node: str
+    ifname: str
+    address: ipaddress.IPv4Interface
+    peer_node: str
+    peer_address: ipaddress.IPv4Address
+    path: str
+    link: LinkSpec
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    node: str
+    dst: ipaddress.IPv4Network
+    via: ipaddress.IPv4Address
+    dev: str
+    table: int = 254  # main
+
+
+@dataclass(frozen=True)
+class RulePlan:
+    node: str
+    src: ipaddress.IPv4Address
+    table: int
+    priority: int
+
+
+@dataclass(frozen=True)
+class EndpointPlan:
+    node: str
+    address: ipaddress.IPv4Address
+    ifname: str
+    flags: tuple[str, ...] = ("subflow",)
+
+
+@dataclass
+class AddressPlan:
+    interfaces: dict[str, list[InterfacePlan]] = field(default_factory=dict)
+    routes: list[RoutePlan] = field(default_factory=list)
+    rules: list[RulePlan] = field(default_factory=list)
+    endpoints: list[EndpointPlan] = field(default_factory=list)
+    forwarding: set[str] = field(default_factory=set)
+
+    def address(self, node: str, path: str | None = None) -> ipaddress.IPv4Address:
+        """The node's address on ``path`` (or its first address)."""
+        for intf in self.interfaces.get(node, []):
+            if path is None or intf.path == path:
+                return intf.address.ip
+        raise KeyError(f"{node} has no interface on path {path}")
+
+    def interface(self, node: str, peer: str) -> InterfacePlan:
+        for intf in self.interfaces.get(node, []):
+            if intf.peer_node == peer:
+                return intf
+        raise KeyError(f"{node} has no link to {peer}")
+
+    def path_of(self, address: str) -> str | None:
+        for intfs in self.interfaces.values():
+            for intf in intfs:
+                if str(intf.address.ip) == address:
+                    return intf.path
+        return None
+
+
+def plan_addresses(spec: TopologySpec) -> AddressPlan:
+    plan = AddressPlan()
+    for node in spec.nodes:
+        plan.interfaces[node.name] = []
+    subnets = {path: pool.subnets(new_prefix=30) for path, pool in spec.pools.items()}
+    per_node_path_count: dict[tuple[str, str], int] = {}
+
+    def ifname(node: str, path: str) -> str:
+        key = (node, path)
+        k = per_node_path_count.get(key, 0)
+        per_node_path_count[key] = k + 1
+        return f"{path[:12]}{k}"
+
+    link_subnet: dict[LinkSpec, ipaddress.IPv4Network] = {}
+    for link in spec.links:
+        try:
+            net = next(subnets[link.path])
+        except StopIteration:
+            raise SpecError(spec.source, f"pools.{link.path}",
+                            "the pool has no room left for another /30 link",
+                            "use a larger prefix") from None
+        link_subnet[link] = net
+        host_a, host_b = list(net.hosts())[:2]
+        ia = InterfacePlan(link.a, ifname(link.a, link.path),
+                           ipaddress.IPv4Interface(f"{host_a}/{net.prefixlen}"), link.b, host_b,
+                           link.path, link)
+        ib = InterfacePlan(link.b, ifname(link.b, link.path),
+                           ipaddress.IPv4Interface(f"{host_b}/{net.prefixlen}"), link.a, host_a,
+                           link.path, link)
+        plan.interfaces[link.a].append(ia)
+        plan.interfaces[link.b].append(ib)
+
+    roles = {n.name: n.role for n in spec.nodes}
+    transit = {n.name for n in spec.nodes if n.role in FORWARDING_ROLES}
+    for node in spec.nodes:
+        if node.role in FORWARDING_ROLES:
+            plan.forwarding.add(node.name)
+        dist, first_hop = _bfs(plan, node.name, transit)
+        own = plan.interfaces[node.name]
+        connected = {intf.link for intf in own}
+        for link, net in link_subnet.items():
+            if link in connected:
+                continue
+            # Reach a subnet through its router end: a host end would not forward.
+            ends = [e for e in (link.a, link.b) if e in dist]
+            ends = [e for e in ends if e in transit] or ends
+            if not ends:
+                continue
+            hop = first_hop[min(ends, key=lambda e: dist[e])]
+            plan.routes.append(RoutePlan(node.name, net, hop.peer_address, hop.ifname))
+        if node.role in MULTIHOMED_ROLES and len(own) > 1:
+            for i, intf in enumerate(own):
+                table = FIRST_POLICY_TABLE + i
+                plan.rules.append(RulePlan(node.name, intf.address.ip, table,
+                                           FIRST_RULE_PRIORITY + i))
+                for link, net in link_subnet.items():
+                    if link is intf.link:
+                        continue
+                    plan.routes.append(RoutePlan(node.name, net, intf.peer_address,
+                                                 intf.ifname, table))
+            if roles[node.name] == "client":
+                for intf in own:
+                    if intf.path != spec.primary_path:
+                        plan.endpoints.append(EndpointPlan(node.name, intf.address.ip,
+                                                           intf.ifname))
+    return plan
+
+
+def _bfs(plan: AddressPlan, start: str,
+         transit: set[str]) -> tuple[dict[str, int], dict[str, InterfacePlan]]:
+    """Distances from ``start`` and, for each node, the interface of ``start`` to leave by.
+    Only forwarding nodes are crossed: a client or server is never a transit hop."""
+    dist = {start: 0}
+    first_hop: dict[str, InterfacePlan] = {}
+    queue: deque[str] = deque([start])
+    while queue:
+        cur = queue.popleft()
+        if cur != start and cur not in transit:
+            continue
+        for intf in plan.interfaces[cur]:
+            nxt = intf.peer_node
+            if nxt in dist:
+                continue
+            dist[nxt] = dist[cur] + 1
+            first_hop[nxt] = intf if cur == start else first_hop[cur]
+            queue.append(nxt)
+    return dist, first_hop

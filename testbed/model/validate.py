@@ -1,0 +1,114 @@
+"""Small typed accessors for validating parsed YAML, each failing with a SpecError that
+names the file, the field and the fix."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from testbed.errors import SpecError
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
+
+
+class Fields:
+    """A mapping being validated: knows its file and field path, rejects unknown keys."""
+
+    def __init__(self, data: Any, file: str, field: str, allowed: Iterable[str]) -> None:
+        if not isinstance(data, dict):
+            raise SpecError(file, field or "(top level)",
+                            f"expected a mapping, got {type(data).__name__}",
+                            "write 'key: value' lines")
+        self.data = data
+        self.file = file
+        self.field = field
+        allowed = tuple(allowed)
+        for key in data:
+            if not isinstance(key, str) or key not in allowed:
+                raise SpecError(file, self.path(str(key)), "unknown key",
+                                f"allowed keys: {', '.join(allowed)}")
+
+    def path(self, key: str) -> str:
+        return f"{self.field}.{key}" if self.field else key
+
+    def error(self, key: str, problem: str, fix: str = "") -> SpecError:
+        return SpecError(self.file, self.path(key), problem, fix)
+
+    def has(self, key: str) -> bool:
+        return key in self.data and self.data[key] is not None
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def str(self, key: str, default: str | None = None, *, choices: Iterable[str] | None = None,
+            pattern: re.Pattern[str] | None = None, max_len: int = 200) -> str:
+        if not self.has(key):
+            if default is None:
+                raise self.error(key, "missing", "this key is required")
+            return default
+        value = self.data[key]
+        if not isinstance(value, str):
+            raise self.error(key, f"expected text, got {type(value).__name__}")
+        if len(value) > max_len:
+            raise self.error(key, f"longer than {max_len} characters")
+        if choices is not None:
+            choices = tuple(choices)
+            if value not in choices:
+                raise self.error(key, f"'{value}' is not allowed",
+                                 f"allowed values: {', '.join(choices)}")
+        if pattern is not None and not pattern.match(value):
+            raise self.error(key, f"'{value}' is not a valid name",
+                             f"use lower-case letters, digits and '_' (pattern {pattern.pattern})")
+        return value
+
+    def opt_str(self, key: str, **kw: Any) -> str | None:
+        return self.str(key, **kw) if self.has(key) else None
+
+    def number(self, key: str, default: float | None = None, *, lo: float, hi: float,
+               integer: bool = False) -> float:
+        if not self.has(key):
+            if default is None:
+                raise self.error(key, "missing", "this key is required")
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"expected a number, got {type(value).__name__} {value!r}"[:200])
+        if integer and not isinstance(value, int):
+            raise self.error(key, f"expected a whole number, got {value!r}")
+        if value != value or not lo <= value <= hi:  # NaN check first
+            raise self.error(key, f"{value!r} is out of range", f"allowed: {lo:g} to {hi:g}")
+        return value
+
+    def integer(self, key: str, default: int | None = None, *, lo: int, hi: int) -> int:
+        return int(self.number(key, default, lo=lo, hi=hi, integer=True))
+
+    def opt_number(self, key: str, *, lo: float, hi: float) -> float | None:
+        return self.number(key, lo=lo, hi=hi) if self.has(key) else None
+
+    def boolean(self, key: str, default: bool) -> bool:
+        if not self.has(key):
+            return default
+        value = self.data[key]
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {value!r}"[:200])
+        return value
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self.data.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+    def sequence(self, key: str, *, max_items: int = 64) -> list[Any]:
+        value = self.data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list, got {type(value).__name__}",
+                             "write '- item' lines or [a, b]")
+        if len(value) > max_items:
+            raise self.error(key, f"{len(value)} items, more than the limit of {max_items}")
+        return value
