@@ -1,0 +1,142 @@
+"""Expectations of a playbook and their evaluation against measured facts.
+
+Facts are computed from evidence only (counters, pcaps, application outcome); see
+``testbed.model.facts``. Each expectation yields a check recording what was expected and
+what was measured, so a verdict always carries its reasons.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from testbed.errors import SpecError
+from testbed.model.outcome import STATUSES
+from testbed.model.topology import TopologySpec
+
+COMPARE_RE = re.compile(r"^\s*(==|!=|>=|<=|>|<)\s*(-?\d+)\s*$")
+COUNTER_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{1,63}$")
+PATH_LIST_KEYS = ("paths_with_data", "sni_seen_on", "keys_seen_on")
+EXPECT_KEYS = ("status", "checksum_match", "tls_version", "subflows", "fallback",
+               *PATH_LIST_KEYS, "counters")
+
+
+@dataclass(frozen=True)
+class Expectation:
+    key: str
+    expected: Any  # str, bool, sorted list of paths, or (op, number)
+    node: str = ""  # for counters
+    counter: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"counters.{self.node}.{self.counter}" if self.counter else self.key
+
+    def describe(self) -> str:
+        if isinstance(self.expected, tuple):
+            return f"{self.expected[0]} {self.expected[1]}"
+        return repr(self.expected) if not isinstance(self.expected, list) else \
+            "[" + ", ".join(self.expected) + "]"
+
+
+@dataclass(frozen=True)
+class Check:
+    label: str
+    expected: str
+    measured: Any
+    ok: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"check": self.label, "expected": self.expected, "measured": self.measured,
+                "ok": self.ok}
+
+
+def _compare(value: Any, file: str, field: str) -> tuple[str, int]:
+    if isinstance(value, bool):
+        raise SpecError(file, field, f"expected a number or a comparison, got {value!r}")
+    if isinstance(value, int):
+        if abs(value) > 10**12:
+            raise SpecError(file, field, f"{value} is out of range")
+        return ("==", value)
+    if isinstance(value, str):
+        m = COMPARE_RE.match(value)
+        if m and abs(int(m.group(2))) <= 10**12:
+            return (m.group(1), int(m.group(2)))
+    raise SpecError(file, field, f"{value!r} is not a number or a comparison",
+                    "write e.g. 2 or '>=1' or '==0'")
+
+
+def parse_expectations(data: dict[str, Any], file: str, field: str,
+                       topology: TopologySpec) -> list[Expectation]:
+    out: list[Expectation] = []
+    paths = set(topology.paths)
+    nodes = {n.name for n in topology.nodes}
+    for key, value in data.items():
+        where = f"{field}.{key}"
+        if key not in EXPECT_KEYS:
+            raise SpecError(file, where, "unknown expectation",
+                            f"allowed: {', '.join(EXPECT_KEYS)}")
+        if key == "status":
+            if value not in STATUSES:
+                raise SpecError(file, where, f"{value!r} is not an outcome status",
+                                f"allowed values: {', '.join(STATUSES)}")
+            out.append(Expectation(key, value))
+        elif key in ("checksum_match", "fallback"):
+            if not isinstance(value, bool):
+                raise SpecError(file, where, f"expected true or false, got {value!r}"[:200])
+            out.append(Expectation(key, value))
+        elif key == "tls_version":
+            if value not in ("TLSv1.3", "TLSv1.2"):
+                raise SpecError(file, where, f"{value!r} is not a TLS version",
+                                "allowed values: TLSv1.3, TLSv1.2")
+            out.append(Expectation(key, value))
+        elif key == "subflows":
+            out.append(Expectation(key, _compare(value, file, where)))
+        elif key in PATH_LIST_KEYS:
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise SpecError(file, where, "expected a list of paths",
+                                f"e.g. [{', '.join(sorted(paths))}]")
+            unknown = [p for p in value if p not in paths]
+            if unknown:
+                raise SpecError(file, where, f"unknown path {unknown[0]!r}",
+                                f"paths of {topology.name}: {', '.join(sorted(paths))}")
+            out.append(Expectation(key, sorted(set(value))))
+        elif key == "counters":
+            if not isinstance(value, dict):
+                raise SpecError(file, where, "expected {node: {Counter: comparison}}")
+            for node, counters in value.items():
+                if node not in nodes:
+                    raise SpecError(file, f"{where}.{node}", "unknown node",
+                                    f"nodes of {topology.name}: {', '.join(sorted(nodes))}")
+                if not isinstance(counters, dict):
+                    raise SpecError(file, f"{where}.{node}", "expected {Counter: comparison}")
+                for counter, cmp in counters.items():
+                    if not isinstance(counter, str) or not COUNTER_RE.match(counter):
+                        raise SpecError(file, f"{where}.{node}.{counter}",
+                                        "not a counter name", "e.g. MPTcpExtMPJoinAckRx")
+                    out.append(Expectation(key, _compare(cmp, file, f"{where}.{node}.{counter}"),
+                                           node=str(node), counter=counter))
+    return out
+
+
+_OPS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, ">=": lambda a, b: a >= b,
+        "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+
+
+def evaluate(expectations: list[Expectation], facts: dict[str, Any]) -> list[Check]:
+    checks = []
+    for exp in expectations:
+        if exp.key == "counters":
+            measured = facts.get("counters", {}).get(exp.node, {}).get(exp.counter, 0)
+        else:
+            measured = facts.get(exp.key)
+        if isinstance(exp.expected, tuple):
+            op, number = exp.expected
+            ok = isinstance(measured, int) and _OPS[op](measured, number)
+        elif isinstance(exp.expected, list):
+            ok = isinstance(measured, list) and sorted(measured) == exp.expected
+        else:
+            ok = measured == exp.expected
+        checks.append(Check(exp.label, exp.describe(), measured, ok))
+    return checks

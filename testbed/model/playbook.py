@@ -1,0 +1,211 @@
+"""Playbooks: the experiment format users write (``playbooks/*.yaml``).
+
+A playbook is YAML; string leaves may hold jinja2 expressions over its ``params`` (and
+``--set`` overrides), rendered in a sandbox after parsing (see ``template``). Validation
+errors name the file, the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from testbed.errors import SpecError
+from testbed.model.claims import CLAIMS
+from testbed.model.expect import EXPECT_KEYS, Expectation, parse_expectations
+from testbed.model.template import render_leaves
+from testbed.model.topology import TOPOLOGY_DIR, TopologySpec, load_topology
+from testbed.model.validate import NAME_RE, Fields
+
+TRANSPORTS = ("tcp", "mptcp")
+APP_KINDS = ("python", "nginx-curl", "openssl")
+# Plugins register their kinds here (middlebox and attack issues); empty until they land.
+MIDDLEBOX_KINDS: dict[str, str] = {}
+ATTACK_KINDS: dict[str, str] = {}
+MAX_BYTES = 1 << 30  # 1 GiB per transfer
+MAX_REPEAT = 100
+MAX_TIMEOUT_S = 600
+MAX_FILE_BYTES = 256 * 1024
+SNI_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+REQUIREMENT_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    kind: str
+    bytes: int
+    sni: str
+    port: int = 443
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """A middlebox or attack entry: its kind plus the kind's own parameters."""
+
+    kind: str
+    where: str  # path (middlebox) or position (attack)
+    params: dict[str, Any]
+
+
+@dataclass
+class Playbook:
+    name: str
+    file: str
+    sha256: str
+    claim: str | None
+    description: str
+    topology: TopologySpec
+    transports: tuple[str, ...]
+    app: AppSpec
+    middleboxes: list[PluginSpec] = field(default_factory=list)
+    attacks: list[PluginSpec] = field(default_factory=list)
+    expect: dict[str, list[Expectation]] = field(default_factory=dict)
+    requires: frozenset[str] = frozenset()
+    sysctls: dict[str, int] = field(default_factory=dict)
+    repeat: int = 1
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+TOP_KEYS = ("name", "claim", "description", "params", "topology", "transports", "app",
+            "middleboxes", "attacks", "expect", "requires", "sysctls", "repeat")
+ALLOWED_SYSCTLS = ("net.mptcp.checksum_enabled", "net.mptcp.allow_join_initial_addr_port",
+                   "net.mptcp.add_addr_timeout", "net.mptcp.close_timeout",
+                   "net.mptcp.blackhole_timeout", "net.mptcp.syn_retrans_before_tcp_fallback",
+                   "net.mptcp.pm_type", "net.mptcp.stale_loss_cnt")
+
+
+def load_playbook(path: str | Path, overrides: dict[str, Any] | None = None,
+                  topology_dir: Path = TOPOLOGY_DIR) -> Playbook:
+    path = Path(path)
+    file = str(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise SpecError(file, "(file)", f"cannot read: {exc.strerror}",
+                        "give the path of a playbook, e.g. playbooks/baseline.yaml") from None
+    if size > MAX_FILE_BYTES:
+        raise SpecError(file, "(file)", f"{size} bytes, larger than {MAX_FILE_BYTES}",
+                        "a playbook is a short description")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(file, "(file)", f"cannot read: {exc}", "save it as UTF-8 text") from None
+    return parse_playbook(text, file, overrides or {}, topology_dir)
+
+
+def parse_playbook(text: str, file: str, overrides: dict[str, Any],
+                   topology_dir: Path = TOPOLOGY_DIR) -> Playbook:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
+        raise SpecError(file, "(syntax)", f"not valid YAML: {first}"[:300],
+                        "fix the YAML syntax") from None
+    except RecursionError:
+        raise SpecError(file, "(syntax)", "nested too deeply", "flatten the document") from None
+    top = Fields(data, file, "", TOP_KEYS)
+    defaults = top.mapping("params")
+    for key in defaults:
+        if not isinstance(key, str) or not NAME_RE.match(key):
+            raise top.error(f"params.{key}", "invalid parameter name",
+                            "use lower-case letters, digits and '_'")
+    for key in overrides:
+        if key not in defaults:
+            raise SpecError(file, f"params.{key}", "set on the command line but not declared",
+                            f"declared parameters: {', '.join(sorted(defaults)) or 'none'}")
+    context = {**defaults, **overrides}
+    rendered = render_leaves({k: v for k, v in data.items() if k != "params"}, context, file)
+    top = Fields(rendered, file, "", TOP_KEYS)
+
+    name = top.str("name", pattern=NAME_RE)
+    claim = top.opt_str("claim", choices=tuple(CLAIMS))
+    description = top.str("description", default="", max_len=4000)
+
+    topo = Fields(top.raw("topology"), file, "topology", ("name", "params"))
+    topo_params = topo.mapping("params")
+    topology = load_topology(topo.str("name"), topo_params, topology_dir)
+
+    transports_raw = top.sequence("transports", max_items=2) or list(TRANSPORTS)
+    for i, t in enumerate(transports_raw):
+        if t not in TRANSPORTS:
+            raise top.error(f"transports[{i}]", f"{t!r} is not a transport",
+                            f"allowed values: {', '.join(TRANSPORTS)}")
+    if len(set(transports_raw)) != len(transports_raw):
+        raise top.error("transports", "a transport is listed twice")
+    transports = tuple(transports_raw)
+
+    app_f = Fields(top.raw("app"), file, "app", ("kind", "bytes", "sni", "port", "timeout_s"))
+    sni = app_f.str("sni", default="www.example.test", max_len=253)
+    if not SNI_RE.match(sni):
+        raise app_f.error("sni", f"{sni!r} is not a DNS name", "e.g. www.example.test")
+    app = AppSpec(
+        kind=app_f.str("kind", choices=APP_KINDS),
+        bytes=app_f.integer("bytes", default=1_000_000, lo=1, hi=MAX_BYTES),
+        sni=sni,
+        port=app_f.integer("port", default=443, lo=1, hi=65535),
+        timeout_s=app_f.number("timeout_s", default=30.0, lo=1, hi=MAX_TIMEOUT_S),
+    )
+
+    middleboxes = _plugins(top, "middleboxes", "path", MIDDLEBOX_KINDS, set(topology.paths))
+    attacks = _plugins(top, "attacks", "position", ATTACK_KINDS,
+                       {"tap", "off_path", "half_on_path", "on_path"})
+
+    expect_f = Fields(top.raw("expect") or {}, file, "expect", transports)
+    expect = {t: parse_expectations(expect_f.mapping(t), file, f"expect.{t}", topology)
+              for t in transports}
+
+    requires = set()
+    for i, req in enumerate(top.sequence("requires")):
+        if not isinstance(req, str) or not REQUIREMENT_RE.match(req):
+            raise top.error(f"requires[{i}]", f"{req!r} is not a capability name",
+                            "use the names 'testbed doctor' prints")
+        requires.add(req)
+
+    sysctls = {}
+    for key, value in top.mapping("sysctls").items():
+        if key not in ALLOWED_SYSCTLS:
+            raise top.error(f"sysctls.{key}", "not a sysctl a playbook may set",
+                            f"allowed: {', '.join(ALLOWED_SYSCTLS)}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100_000:
+            raise top.error(f"sysctls.{key}", f"{value!r} is not an integer 0..100000")
+        sysctls[key] = value
+
+    return Playbook(
+        name=name, file=file, sha256=hashlib.sha256(text.encode()).hexdigest(), claim=claim,
+        description=description, topology=topology, transports=transports, app=app,
+        middleboxes=middleboxes, attacks=attacks, expect=expect, requires=frozenset(requires),
+        sysctls=sysctls, repeat=top.integer("repeat", default=1, lo=1, hi=MAX_REPEAT),
+        params=context,
+    )
+
+
+def _plugins(top: Fields, key: str, where_key: str, registry: dict[str, str],
+             places: set[str]) -> list[PluginSpec]:
+    out = []
+    for i, body in enumerate(top.sequence(key, max_items=16)):
+        field_name = f"{key}[{i}]"
+        if not isinstance(body, dict):
+            raise top.error(field_name, "expected a mapping with 'kind' and "
+                            f"'{where_key}'")
+        kind = body.get("kind")
+        if kind not in registry:
+            available = ", ".join(sorted(registry)) or "none in this version"
+            raise top.error(f"{field_name}.kind", f"unknown {key[:-2] if key.endswith('es') else key[:-1]} kind {kind!r}",
+                            f"available: {available}")
+        where = body.get(where_key)
+        if where not in places:
+            raise top.error(f"{field_name}.{where_key}", f"{where!r} is not allowed",
+                            f"allowed values: {', '.join(sorted(places))}")
+        params = {k: v for k, v in body.items() if k not in ("kind", where_key)}
+        out.append(PluginSpec(str(kind), str(where), params))
+    return out
+
+
+def expect_keys_help() -> str:
+    return ", ".join(EXPECT_KEYS)

@@ -1,0 +1,260 @@
+"""Run playbooks: for each transport, build a fresh network, start the real TLS peers,
+record the evidence, derive the facts and give the verdict.
+
+A fresh network per transport (and per repetition) keeps counters and leftover
+connections of one run from polluting the next (DESIGN.md §6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from testbed.apps import APPS
+from testbed.apps.base import AppContext
+from testbed.errors import TestbedError
+from testbed.model.counters import diff
+from testbed.model.expect import evaluate
+from testbed.model.facts import derive_facts
+from testbed.model.playbook import Playbook
+from testbed.model.result import (
+    RunResult,
+    ScenarioResult,
+    TransportResult,
+    Verdict,
+    verdict_from_checks,
+)
+from testbed.runtime import doctor
+from testbed.runtime.evidence import Capture, MptcpMonitor, SsSampler, snapshot_counters
+from testbed.runtime.ledger import Ledger
+from testbed.runtime.network import Network
+from testbed.runtime.observer import summarize_pcap
+from testbed.runtime.pki import Pki, make_pki
+
+Progress = Callable[[str], None]
+ALWAYS_REQUIRED = ("mptcp", "mnexec", "ip", "tcpdump", "tshark")
+PAYLOAD_CHUNK = 1 << 20
+
+
+@dataclass
+class RunContext:
+    run_dir: Path
+    ledger: Ledger
+    report: doctor.DoctorReport
+    progress: Progress
+    pki: Pki | None = None
+    payload_dir: Path | None = None
+
+    def rel(self, path: Path) -> str:
+        return str(path.relative_to(self.run_dir))
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def run_playbooks(playbooks: list[Playbook], *, results_root: Path,
+                  transports: tuple[str, ...] | None = None,
+                  progress: Progress = lambda _m: None) -> tuple[RunResult, Path]:
+    """Run every playbook; write results as they come. Returns the result and its dir."""
+    ledger = Ledger.create()
+    run_dir = results_root / ledger.data.run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    ledger.data.results_dir = str(run_dir.resolve())
+    ledger.save()
+    (run_dir / "INCOMPLETE").write_text("the run has not finished (or was interrupted)\n")
+    result = RunResult(run_id=ledger.data.run_id, started=now_iso())
+    try:
+        progress(f"run {ledger.data.run_id}: probing the machine")
+        report = doctor.probe()
+        result.environment = {**doctor.fingerprint(report), "git_commit": _git_commit(),
+                              "playbooks": {p.file: p.sha256 for p in playbooks}}
+        ctx = RunContext(run_dir, ledger, report, progress)
+        result.write(run_dir)
+        for pb in playbooks:
+            for rep in range(1, pb.repeat + 1):
+                scenario = ScenarioResult(pb.name, pb.file, pb.sha256, pb.claim,
+                                          pb.description, pb.params, rep)
+                result.scenarios.append(scenario)
+                for transport in pb.transports:
+                    if transports and transport not in transports:
+                        continue
+                    label = f"{pb.name}{f' #{rep}' if pb.repeat > 1 else ''} [{transport}]"
+                    scenario.transports[transport] = run_transport(pb, transport, rep, ctx,
+                                                                   label)
+                    result.write(run_dir)
+        result.complete = True
+    finally:
+        result.finished = now_iso()
+        result.write(run_dir)
+        if result.complete:
+            (run_dir / "INCOMPLETE").unlink(missing_ok=True)
+        ledger.release_all()
+        ledger.close()
+    return result, run_dir
+
+
+def _git_commit() -> str | None:
+    head = Path(__file__).resolve().parents[2] / ".git" / "HEAD"
+    with contextlib.suppress(OSError):
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            return (head.parent / ref[5:]).read_text().strip()
+        return ref
+    return None
+
+
+def requirements(pb: Playbook, transport: str) -> set[str]:
+    needs = set(ALWAYS_REQUIRED) | pb.topology.requirements | set(pb.requires)
+    needs |= APPS[pb.app.kind]().requirements(transport)
+    return needs
+
+
+def run_transport(pb: Playbook, transport: str, rep: int, ctx: RunContext,
+                  label: str) -> TransportResult:
+    say = lambda msg: ctx.progress(f"{label}: {msg}")  # noqa: E731
+    missing = ctx.report.missing(requirements(pb, transport))
+    if missing:
+        reason = "; ".join(f"{k}: {v}" for k, v in sorted(missing.items()))
+        say(f"INCONCLUSIVE ({reason})")
+        return TransportResult(transport, Verdict.INCONCLUSIVE,
+                               f"this machine lacks what the scenario needs: {reason}",
+                               missing=missing)
+    evidence_dir = ctx.run_dir / pb.name / (transport if pb.repeat == 1 else
+                                            f"{transport}.{rep}")
+    evidence_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    try:
+        tr = _measure(pb, transport, ctx, evidence_dir, say)
+    except TestbedError as exc:
+        say(f"ERROR: {exc}")
+        tr = TransportResult(transport, Verdict.ERROR, f"the testbed failed: {exc}")
+    tr.timings["total_s"] = round(time.monotonic() - t0, 3)
+    (evidence_dir / "verdict.json").write_text(json.dumps(tr.to_json(), indent=2, default=str))
+    say(f"{tr.verdict.value} in {tr.timings['total_s']:.1f}s — {tr.reason}")
+    return tr
+
+
+def _payload(ctx: RunContext, size: int) -> tuple[Path, str]:
+    """A deterministic payload of ``size`` bytes in the run's temporary directory."""
+    if ctx.payload_dir is None:
+        ctx.payload_dir = Path(f"/tmp/{ctx.ledger.tag}-payload")
+        ctx.ledger.add_temp_dir(str(ctx.payload_dir))
+        ctx.payload_dir.mkdir(mode=0o755)
+    path = ctx.payload_dir / f"payload-{size}.bin"
+    digest = hashlib.sha256()
+    if not path.exists():
+        with path.open("wb") as f:
+            block = hashlib.sha256(str(size).encode()).digest() * (PAYLOAD_CHUNK // 32)
+            left = size
+            while left:
+                chunk = block[:min(left, len(block))]
+                f.write(chunk)
+                left -= len(chunk)
+    with path.open("rb") as f:
+        while chunk := f.read(PAYLOAD_CHUNK):
+            digest.update(chunk)
+    os.chmod(path, 0o644)
+    return path, digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _recording(net: Network, evidence_dir: Path, ctx: RunContext,
+               evidence: dict[str, str]) -> Iterator[dict[str, Path]]:
+    """Start one capture per path and the MPTCP monitors; stop them however the block ends."""
+    captures: list[Capture] = []
+    monitors: list[MptcpMonitor] = []
+    pcaps: dict[str, Path] = {}
+    try:
+        for link in net.spec.links:
+            if not link.capture or link.path in pcaps:
+                continue
+            # Observe from the access-network side, as a tap on that path would.
+            intf = net.plan.interface(link.b, link.a)
+            pcap = evidence_dir / f"{link.path}.pcap"
+            captures.append(Capture.start(net.nodes[link.b], intf.ifname, pcap,
+                                          f"capture {link.path}"))
+            pcaps[link.path] = pcap
+            evidence[f"pcap.{link.path}"] = ctx.rel(pcap)
+        for role in ("client", "server"):
+            for node in (n for n in net.nodes.values() if n.role == role):
+                path = evidence_dir / f"mptcp-monitor-{node.name}.txt"
+                monitors.append(MptcpMonitor.start(node, path))
+                evidence[f"mptcp_monitor.{node.name}"] = ctx.rel(path)
+        yield pcaps
+    finally:
+        for rec in (*captures, *monitors):
+            with contextlib.suppress(Exception):
+                rec.stop()
+
+
+def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
+             say: Progress) -> TransportResult:
+    if ctx.pki is None:
+        ctx.pki = make_pki(ctx.run_dir / "pki", pb.app.sni)
+    payload, payload_sha = _payload(ctx, pb.app.bytes)
+    app = APPS[pb.app.kind]()
+    evidence: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    sysctls = {"*": dict(pb.sysctls)} if pb.sysctls else None
+    say("building network")
+    with Network.up(pb.topology, ctx.ledger, sysctls=sysctls) as net:
+        timings["build_s"] = round(net.build_s, 3)
+        client = net.node_of_role("client")
+        server = net.node_of_role("server")
+        server_addr = net.address(server.name)
+        app_ctx = AppContext(workdir=evidence_dir, pki=ctx.pki, transport=transport,
+                             server_address=server_addr, port=pb.app.port, sni=pb.app.sni,
+                             payload=payload, payload_sha256=payload_sha,
+                             timeout_s=pb.app.timeout_s)
+        with _recording(net, evidence_dir, ctx, evidence) as pcaps:
+            before = {name: snapshot_counters(node) for name, node in net.nodes.items()}
+            say(f"starting {pb.app.kind} server")
+            handle = app.start_server(server, app_ctx)
+            try:
+                say(f"client fetching {pb.app.bytes} bytes over {transport}")
+                sampler = SsSampler.start(client)
+                t1 = time.monotonic()
+                try:
+                    outcome = app.run_client(client, app_ctx)
+                finally:
+                    samples = sampler.stop()
+                timings["client_s"] = round(time.monotonic() - t1, 3)
+            finally:
+                app.stop_server(server, handle)
+            after = {name: snapshot_counters(node) for name, node in net.nodes.items()}
+        counters = {name: diff(before[name], after[name]) for name in net.nodes}
+        ss_path = evidence_dir / "ss-client.json"
+        ss_path.write_text(json.dumps(samples, indent=1, default=str))
+        evidence["ss.client"] = ctx.rel(ss_path)
+    counters_path = evidence_dir / "counters.json"
+    counters_path.write_text(json.dumps(counters, indent=1, sort_keys=True))
+    evidence["counters"] = ctx.rel(counters_path)
+    outcome_json = outcome.to_json()
+    outcome_path = evidence_dir / "app-outcome.json"
+    outcome_path.write_text(json.dumps(outcome_json, indent=1))
+    evidence["app_outcome"] = ctx.rel(outcome_path)
+
+    say("analysing captures with tshark")
+    observers: dict[str, dict[str, Any]] = {}
+    for path, pcap in pcaps.items():
+        observers[path] = summarize_pcap(pcap, sni=pb.app.sni, server_addresses=[server_addr],
+                                         total_app_bytes=pb.app.bytes)
+    observers_path = evidence_dir / "observers.json"
+    observers_path.write_text(json.dumps(observers, indent=1))
+    evidence["observers"] = ctx.rel(observers_path)
+
+    facts = derive_facts(transport=transport, outcome=outcome_json, counters=counters,
+                         observers=observers, server=server.name, app_bytes=pb.app.bytes)
+    checks = evaluate(pb.expect.get(transport, []), facts)
+    verdict, reason = verdict_from_checks(checks)
+    return TransportResult(transport, verdict, reason, checks, facts, outcome_json, evidence,
+                           timings=timings)
