@@ -1,0 +1,186 @@
+"""The application interface: a TLS 1.3 server and client pair run over TCP or kernel MPTCP.
+
+An ``App`` starts its server in one node, runs its client in another and turns what the
+client saw into an ``AppOutcome``. Every process runs through ``Node.popen`` (own session,
+recorded in the ledger, stopped by PID); every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from testbed.errors import RuntimeFailure
+from testbed.model.outcome import TRANSPORTS, AppOutcome, final_status
+from testbed.runtime.node import Node
+from testbed.runtime.pki import Pki
+
+LISTEN_TIMEOUT_S = 10.0
+POLL_INTERVAL_S = 0.05
+KILL_GRACE_S = 5.0  # beyond ctx.timeout_s, before a client is killed by PID
+
+
+@dataclass
+class AppContext:
+    workdir: Path          # evidence dir for this scenario+transport
+    pki: Pki
+    transport: str         # "tcp" | "mptcp"
+    server_address: str    # IPv4 of the server node
+    port: int
+    sni: str
+    payload: Path          # the file the server sends to the client
+    payload_sha256: str
+    timeout_s: float       # bound for the whole client run
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {self.transport!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"bad port {self.port}")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.payload.stat().st_size
+
+
+@dataclass
+class ServerHandle:
+    app: str
+    node: str
+    proc: subprocess.Popen[Any]
+    log: Path
+    port: int
+    files: dict[str, Path] = field(default_factory=dict)
+    returncode: int | None = None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def is_listening(node: Node, port: int) -> bool:
+    res = node.run(["ss", "-Hltn", f"sport = :{port}"], timeout=5.0, check=False)
+    return res.returncode == 0 and bool(res.stdout.strip())
+
+
+def wait_listening(node: Node, proc: subprocess.Popen[Any], port: int, log: Path,
+                   what: str, timeout_s: float = LISTEN_TIMEOUT_S) -> None:
+    """Return once ``port`` has a listener in ``node``; raise with the server's log tail if
+    the server exits first or the bound passes (the server is stopped then)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            code = proc.returncode
+            node.stop(proc)
+            raise RuntimeFailure(f"{what} on {node.name} exited ({code}) before listening on "
+                                 f"port {port}; log {log}:\n{tail(log)}")
+        if is_listening(node, port):
+            return
+        if time.monotonic() > deadline:
+            node.stop(proc)
+            raise RuntimeFailure(f"{what} on {node.name} did not listen on port {port} within "
+                                 f"{timeout_s:.0f}s; log {log}:\n{tail(log)}")
+        time.sleep(POLL_INTERVAL_S)
+
+
+def run_bounded(node: Node, argv: list[str], *, label: str, timeout_s: float, stdout: Path,
+                stderr: Path, stdin: bytes | None = None, env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> tuple[int | None, float]:
+    """Run ``argv`` in ``node`` with stdout/stderr to files; kill it by PID if it outlives
+    ``timeout_s``. Returns (exit code or None if it had to be killed, elapsed seconds)."""
+    t0 = time.monotonic()
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        proc = node.popen(argv, label=label, stdout=out, stderr=err,
+                          stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                          env=env, cwd=cwd)
+        killed = False
+        try:
+            if stdin is not None and proc.stdin is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.write(stdin)
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.close()
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                killed = True
+        finally:
+            node.stop(proc)
+    return (None if killed else proc.returncode), time.monotonic() - t0
+
+
+class App(ABC):
+    kind: ClassVar[str]
+    requires: ClassVar[frozenset[str]]          # doctor capability names, any transport
+    requires_mptcp: ClassVar[frozenset[str]] = frozenset()  # extra ones under mptcp
+
+    @classmethod
+    def requirements(cls, transport: str) -> set[str]:
+        needs = set(cls.requires)
+        if transport == "mptcp":
+            needs |= cls.requires_mptcp
+        return needs
+
+    @abstractmethod
+    def start_server(self, node: Node, ctx: AppContext) -> ServerHandle:
+        """Start the server in ``node``; return once it listens on ``ctx.port``."""
+
+    @abstractmethod
+    def run_client(self, node: Node, ctx: AppContext) -> AppOutcome:
+        """Download the payload from the server; bounded by ``ctx.timeout_s``."""
+
+    def stop_server(self, node: Node, handle: ServerHandle) -> None:
+        handle.returncode = node.stop(handle.proc)
+
+    # -- helpers for subclasses --------------------------------------------------------------
+    def file(self, ctx: AppContext, name: str) -> Path:
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        return ctx.workdir / f"{self.kind}-{name}"
+
+    def outcome(self, ctx: AppContext, *, status: str, tls_version: str | None = None,
+                cipher: str | None = None, bytes_received: int = 0,
+                sha256_received: str | None = None, duration_s: float = 0.0,
+                handshake_s: float | None = None, error: str | None = None,
+                mptcp: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> AppOutcome:
+        expected = ctx.payload_bytes
+        status = final_status(status, sha256_received, ctx.payload_sha256, bytes_received,
+                              expected)
+        if status == "checksum_mismatch" and error is None:
+            error = (f"received {bytes_received} bytes with SHA-256 {sha256_received}; "
+                     f"expected {expected} bytes with {ctx.payload_sha256}")
+        return AppOutcome(
+            app=self.kind, transport=ctx.transport, status=status, tls_version=tls_version,
+            cipher=cipher, sni=ctx.sni, bytes_expected=expected, bytes_received=bytes_received,
+            sha256_expected=ctx.payload_sha256, sha256_received=sha256_received,
+            duration_s=round(duration_s, 6), handshake_s=handshake_s, error=error, mptcp=mptcp,
+            extra=extra or {})
+
+
+def mptcpize(argv: list[str], transport: str) -> list[str]:
+    """Wrap an unmodified program so its TCP sockets become MPTCP ones (LD_PRELOAD)."""
+    return ["mptcpize", "run", *argv] if transport == "mptcp" else argv
+
+
+__all__ = ["App", "AppContext", "ServerHandle", "mptcpize", "run_bounded", "sha256_file",
+           "tail", "wait_listening"]

@@ -1,0 +1,86 @@
+"""The ``python`` app: Python's ``ssl`` over a socket opened with IPPROTO_MPTCP or TCP.
+
+The only app that sees the kernel's MPTCP view from inside the connection
+(``MPTCP_INFO``, ``MPTCP_SUBFLOW_ADDRS``, the fallback marker). Both peers are
+``testbed.apps.pyssl_peer`` run in the nodes with the orchestrator's interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+import testbed
+from testbed.apps.base import (
+    KILL_GRACE_S,
+    App,
+    AppContext,
+    ServerHandle,
+    run_bounded,
+    tail,
+    wait_listening,
+)
+from testbed.model.outcome import AppOutcome
+from testbed.runtime.node import Node
+
+REPO_ROOT = Path(testbed.__file__).resolve().parents[1]
+CLIENT_FIELDS = ("status", "tls_version", "cipher", "bytes_received", "sha256_received",
+                 "duration_s", "handshake_s", "error", "mptcp", "extra")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _peer(role: str) -> list[str]:
+    return [sys.executable, "-m", "testbed.apps.pyssl_peer", role]
+
+
+class PythonTls(App):
+    kind: ClassVar[str] = "python"
+    requires: ClassVar[frozenset[str]] = frozenset({"python-ssl"})
+    requires_mptcp: ClassVar[frozenset[str]] = frozenset({"mptcp"})
+
+    def start_server(self, node: Node, ctx: AppContext) -> ServerHandle:
+        log = self.file(ctx, "server.log")
+        argv = [*_peer("server"), "--transport", ctx.transport, "--port", str(ctx.port),
+                "--cert", str(ctx.pki.server_cert), "--key", str(ctx.pki.server_key),
+                "--payload", str(ctx.payload),
+                "--keylog", str(self.file(ctx, "server-keylog.txt")),
+                "--io-timeout", str(max(ctx.timeout_s, 5.0))]
+        with log.open("ab") as fh:
+            proc = node.popen(argv, label=f"{self.kind} server", stdout=fh, stderr=fh,
+                              cwd=REPO_ROOT, env=_env())
+        wait_listening(node, proc, ctx.port, log, f"{self.kind} server")
+        return ServerHandle(self.kind, node.name, proc, log, ctx.port)
+
+    def run_client(self, node: Node, ctx: AppContext) -> AppOutcome:
+        stdout, stderr = self.file(ctx, "client.json"), self.file(ctx, "client.stderr")
+        received = self.file(ctx, "received.bin")
+        argv = [*_peer("client"), "--transport", ctx.transport, "--connect",
+                ctx.server_address, "--port", str(ctx.port), "--sni", ctx.sni,
+                "--ca", str(ctx.pki.ca_cert), "--out", str(received),
+                "--keylog", str(self.file(ctx, "client-keylog.txt")),
+                "--timeout", str(ctx.timeout_s)]
+        code, elapsed = run_bounded(node, argv, label=f"{self.kind} client",
+                                    timeout_s=ctx.timeout_s + KILL_GRACE_S, stdout=stdout,
+                                    stderr=stderr, env=_env(), cwd=REPO_ROOT)
+        if code is None:
+            return self.outcome(ctx, status="timeout", duration_s=elapsed,
+                                error=f"client killed after {elapsed:.1f}s "
+                                      f"(bound {ctx.timeout_s}s + {KILL_GRACE_S}s grace)")
+        lines = [ln for ln in stdout.read_text(errors="replace").splitlines() if ln.strip()]
+        try:
+            data: dict[str, Any] = json.loads(lines[-1])
+            fields = {k: data[k] for k in CLIENT_FIELDS}
+        except (IndexError, ValueError, KeyError, TypeError):
+            return self.outcome(ctx, status="error", duration_s=elapsed,
+                                error=f"client exited {code} without a result line; "
+                                      f"stderr:\n{tail(stderr)}")
+        return self.outcome(ctx, **fields)
