@@ -1,0 +1,1 @@
+"""Everything that touches the kernel: namespaces, links, processes, captures, probes."""
