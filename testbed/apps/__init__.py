@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from testbed.apps.base import App, AppContext, ServerHandle
+from testbed.apps.nginx_curl import NginxCurl
 from testbed.apps.openssl_cli import OpensslCli
 from testbed.apps.python_tls import PythonTls
 
-APPS: dict[str, type[App]] = {cls.kind: cls for cls in (PythonTls, OpensslCli)}
+APPS: dict[str, type[App]] = {cls.kind: cls for cls in (PythonTls, NginxCurl, OpensslCli)}
 
 __all__ = ["APPS", "App", "AppContext", "ServerHandle"]

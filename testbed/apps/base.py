@@ -164,8 +164,15 @@ class App(ABC):
                 mptcp: dict[str, Any] | None = None,
                 extra: dict[str, Any] | None = None) -> AppOutcome:
         expected = ctx.payload_bytes
+        extra = extra or {}
         status = final_status(status, sha256_received, ctx.payload_sha256, bytes_received,
                               expected)
+        if status == "checksum_mismatch" and extra.get("close_notify") is False:
+            # TCP closed without TLS close_notify and the bytes are not all there: the
+            # connection was cut mid-transfer (curl reports this as exit 18/56).
+            status = "aborted"
+            error = error or (f"connection closed without TLS close_notify after "
+                              f"{bytes_received} of {expected} bytes")
         if status == "checksum_mismatch" and error is None:
             error = (f"received {bytes_received} bytes with SHA-256 {sha256_received}; "
                      f"expected {expected} bytes with {ctx.payload_sha256}")
@@ -174,7 +181,7 @@ class App(ABC):
             cipher=cipher, sni=ctx.sni, bytes_expected=expected, bytes_received=bytes_received,
             sha256_expected=ctx.payload_sha256, sha256_received=sha256_received,
             duration_s=round(duration_s, 6), handshake_s=handshake_s, error=error, mptcp=mptcp,
-            extra=extra or {})
+            extra=extra)
 
 
 def mptcpize(argv: list[str], transport: str) -> list[str]:

@@ -55,8 +55,10 @@ def classify_failure(stderr: str, handshake_done: bool) -> tuple[str, str]:
     """Status and a short reason for an s_client run that did not end cleanly."""
     low = stderr.lower()
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    reason = next((ln for ln in lines if "error" in ln.lower() or "errno" in ln.lower()),
-                  lines[-1] if lines else "no diagnostics")
+    reason = next((ln for ln in lines if ln.startswith(("connect:errno", "verify error"))),
+                  None)
+    reason = reason or next((ln for ln in lines if "error" in ln.lower()),
+                            lines[-1] if lines else "no diagnostics")
     if not handshake_done:
         if ("connect:errno" in low or "bio_connect" in low or "connection refused" in low
                 or "no route to host" in low or "network is unreachable" in low):
@@ -146,17 +148,20 @@ class OpensslCli(App):
             return self.outcome(ctx, status="timeout", extra=extra,
                                 error=f"s_client killed after {elapsed:.1f}s during {phase}",
                                 **common)
-        if proc.returncode != 0 or not hs_done:
+        # FIN without close_notify after the handshake: a truncation that the bytes judge.
+        ragged = hs_done and "unexpected eof" in stderr.lower()
+        if ragged:
+            extra["close_notify"] = False
+        if not ragged and (proc.returncode != 0 or not hs_done):
             status, reason = classify_failure(stderr, hs_done)
             received = raw_out.stat().st_size if hs_done else 0
             return self.outcome(ctx, status=status, error=reason, extra=extra,
                                 bytes_received=received, **common)
-        if "unexpected eof" in stderr.lower():
-            extra["close_notify"] = False
         http_status, body = strip_http(raw_out.read_bytes())
         extra["http_status"] = http_status
         if http_status != 200:
-            return self.outcome(ctx, status="error", extra=extra, bytes_received=len(body),
+            status = "aborted" if ragged and http_status is None else "error"
+            return self.outcome(ctx, status=status, extra=extra, bytes_received=len(body),
                                 error=f"server answered HTTP {http_status} (stderr: "
                                       f"{tail(err_path, 3)})", **common)
         return self.outcome(ctx, status="ok", bytes_received=len(body),

@@ -44,7 +44,7 @@ def _peer(role: str) -> list[str]:
 
 class PythonTls(App):
     kind: ClassVar[str] = "python"
-    requires: ClassVar[frozenset[str]] = frozenset({"python-ssl"})
+    requires: ClassVar[frozenset[str]] = frozenset()  # the orchestrator's own Python
     requires_mptcp: ClassVar[frozenset[str]] = frozenset({"mptcp"})
 
     def start_server(self, node: Node, ctx: AppContext) -> ServerHandle:
