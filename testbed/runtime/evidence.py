@@ -88,7 +88,9 @@ class Capture(_Recorder):
     ``<pcap>.log``. Options: ``-n`` (no lookups), ``--immediate-mode`` (without it, packets
     of the last second sit in the kernel ring and are lost when tcpdump is stopped),
     ``-U`` (write each packet), ``-s 0`` (whole packets), ``-Z root`` (do not drop
-    privileges: the results directory may not be writable by the tcpdump user)."""
+    privileges: the results directory may not be writable by the tcpdump user), ``-B``
+    (a 32 MiB kernel buffer: with the default 2 MiB, an unshaped veth transfer of 64 KiB GSO
+    frames lost ~10% of the packets). ``stats`` after ``stop`` says what was dropped."""
 
     def __init__(self, node: Node, proc: subprocess.Popen[Any], files: list[IO[Any]],
                  ifname: str, pcap: Path, log: Path, label: str) -> None:
@@ -101,12 +103,13 @@ class Capture(_Recorder):
 
     @classmethod
     def start(cls, node: Node, ifname: str, pcap: Path, label: str, *,
-              bpf_filter: str | None = None, timeout_s: float = READY_TIMEOUT_S) -> Capture:
+              bpf_filter: str | None = None, buffer_kib: int = 32768,
+              timeout_s: float = READY_TIMEOUT_S) -> Capture:
         pcap = Path(pcap)
         pcap.parent.mkdir(parents=True, exist_ok=True)
         log = pcap.with_name(pcap.name + ".log")
         argv = ["tcpdump", "-n", "-i", ifname, "--immediate-mode", "-U", "-s", "0",
-                "-Z", "root", "-w", str(pcap)]
+                "-B", str(buffer_kib), "-Z", "root", "-w", str(pcap)]
         if bpf_filter:
             argv.append(bpf_filter)
         logf = log.open("wb")
