@@ -171,7 +171,9 @@ class App(ABC):
             # TCP closed without TLS close_notify and the bytes are not all there: the
             # connection was cut mid-transfer (curl reports this as exit 18/56).
             status = "aborted"
-            error = error or (f"connection closed without TLS close_notify after "
+            how = ("reset (TCP state CLOSE)" if extra.get("tcp_state_at_eof") == "CLOSE"
+                   else "closed")
+            error = error or (f"connection {how} without TLS close_notify after "
                               f"{bytes_received} of {expected} bytes")
         if status == "checksum_mismatch" and error is None:
             error = (f"received {bytes_received} bytes with SHA-256 {sha256_received}; "

@@ -145,7 +145,8 @@ class OpensslCli(App):
                  "handshake_s_method": "client process start to CONNECTION ESTABLISHED"}
         if killed:
             phase = "transfer" if hs_done else "connect or handshake"
-            return self.outcome(ctx, status="timeout", extra=extra,
+            received = len(strip_http(raw_out.read_bytes())[1]) if hs_done else 0
+            return self.outcome(ctx, status="timeout", extra=extra, bytes_received=received,
                                 error=f"s_client killed after {elapsed:.1f}s during {phase}",
                                 **common)
         # FIN without close_notify after the handshake: a truncation that the bytes judge.

@@ -172,6 +172,19 @@ def mptcp_view(sock: socket.socket) -> dict[str, Any]:
     return view
 
 
+TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
+              "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING")
+
+
+def tcp_state(sock: socket.socket) -> str | None:
+    """``tcpi_state`` from TCP_INFO (for MPTCP: the first subflow's), or None."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except OSError:
+        return None
+    return TCP_STATES[raw[0]] if raw and raw[0] < len(TCP_STATES) else None
+
+
 def _addr(pair: Any) -> dict[str, Any] | None:
     if isinstance(pair, tuple) and len(pair) >= 2:
         return {"addr": pair[0], "port": pair[1]}
@@ -343,9 +356,14 @@ def run_client(args: argparse.Namespace) -> dict[str, Any]:
                     data = tls.recv(CHUNK)
                 except ssl.SSLZeroReturnError:
                     data = b""
-                except ssl.SSLEOFError:
-                    # TCP FIN without close_notify: a truncation the checksum will judge.
+                except ssl.SSLEOFError as exc:
+                    # Closed (FIN, or a reset OpenSSL reports as EOF) without close_notify:
+                    # a truncation that the bytes will judge.
                     extra["close_notify"] = False
+                    extra["eof"] = str(exc)
+                    # Python's ssl reports a RST as this EOF too; the TCP state tells them
+                    # apart (CLOSE after a reset, CLOSE_WAIT after a FIN).
+                    extra["tcp_state_at_eof"] = tcp_state(tls)
                     break
                 if not data:
                     extra["close_notify"] = True

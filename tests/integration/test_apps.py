@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -49,14 +51,22 @@ class Net:
     ledger: Ledger
 
     def ctx(self, name: str, transport: str, *, sni: str = SNI, port: int = 443,
-            timeout_s: float = 30.0) -> AppContext:
+            timeout_s: float = 30.0, payload: Path | None = None) -> AppContext:
         workdir = self.base / name
         workdir.mkdir(parents=True, exist_ok=True)
         pki = make_pki(workdir / "pki", SNI)
+        digest = self.payload_sha256 if payload is None else \
+            hashlib.sha256(payload.read_bytes()).hexdigest()
         return AppContext(workdir=workdir, pki=pki, transport=transport,
                           server_address=SERVER_ADDR, port=port, sni=sni,
-                          payload=self.payload, payload_sha256=self.payload_sha256,
+                          payload=payload or self.payload, payload_sha256=digest,
                           timeout_s=timeout_s)
+
+    def big_payload(self) -> Path:
+        path = self.base / "payload-8m.bin"
+        if not path.exists():
+            path.write_bytes(os.urandom(8_000_000))
+        return path
 
     def syn_rx(self) -> int:
         return syn_rx(self.server)
@@ -198,3 +208,68 @@ def test_python_stalled_transfer_times_out(net: Net) -> None:
         assert time.monotonic() - t0 < 2.0 + 4.0
     finally:
         net.server.stop(stall)
+
+
+@contextlib.contextmanager
+def _rate_limited(node: Node, rate: str = "20mbit") -> Iterator[None]:
+    """A token bucket on the node's eth0, so a transfer lasts long enough to be cut."""
+    node.run(["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate,
+              "burst", "32kbit", "latency", "400ms"])
+    try:
+        yield
+    finally:
+        node.run(["tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
+
+
+def _reset_mid_transfer(net: Net, kind: str, ctx: AppContext) -> AppOutcome:
+    """Run the client; once the server has 1 MB acked, destroy the server's TCP socket(s)
+    with ``ss -K`` (the kernel sends a RST to the client)."""
+    app = APPS[kind]()
+    result: dict[str, AppOutcome] = {}
+    with _rate_limited(net.server):
+        handle = app.start_server(net.server, ctx)
+        try:
+            client = threading.Thread(
+                target=lambda: result.update(outcome=app.run_client(net.client, ctx)))
+            client.start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                ss = net.server.run(["ss", "-Htni", "state", "established", "sport", "= :443"],
+                                    check=False).stdout
+                acked = [int(v) for v in re.findall(r"bytes_acked:(\d+)", ss)]
+                if acked and max(acked) > 1_000_000:
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("the transfer never reached 1 MB")
+            net.server.run(["ss", "-K", "state", "established", "sport", "= :443"],
+                           check=False)
+            client.join(ctx.timeout_s + 10)
+            assert not client.is_alive()
+        finally:
+            app.stop_server(net.server, handle)
+    return result["outcome"]
+
+
+@pytest.mark.parametrize("kind", sorted(APPS))
+def test_tcp_reset_mid_transfer_is_aborted(net: Net, kind: str) -> None:
+    ctx = net.ctx(f"{kind}-reset-tcp", "tcp", timeout_s=15.0, payload=net.big_payload())
+    outcome = _reset_mid_transfer(net, kind, ctx)
+    assert outcome.status == "aborted", outcome
+    assert outcome.tls_version == "TLSv1.3"
+    assert 1_000_000 < outcome.bytes_received < 8_000_000
+    assert outcome.duration_s < 10.0
+    if kind in ("python", "nginx-curl"):
+        assert outcome.error and "reset" in outcome.error.lower(), outcome.error
+
+
+def test_mptcp_reset_of_the_only_subflow_does_not_abort(net: Net) -> None:
+    """Kernel behaviour the scenarios rely on: a RST kills a subflow, not the MPTCP
+    connection (RFC 8684). With no other path the download stalls, and the client's time
+    bound ends it: ``timeout``, not ``aborted`` as under TCP."""
+    ctx = net.ctx("python-reset-mptcp", "mptcp", timeout_s=3.0, payload=net.big_payload())
+    outcome = _reset_mid_transfer(net, "python", ctx)
+    assert outcome.status == "timeout", outcome
+    assert outcome.error and "transfer" in outcome.error
+    assert 1_000_000 < outcome.bytes_received < 8_000_000
+    assert outcome.mptcp is not None and outcome.mptcp.get("fallback") is False
