@@ -21,7 +21,16 @@ PLAYBOOK_DIR = REPO / "playbooks"
 DEFAULT_RESULTS = Path(os.environ.get("TESTBED_RESULTS", REPO / "results"))
 
 
+_ORCHESTRATOR_PID = os.getpid()
+
+
 def _interrupt(signum: int, _frame: Any) -> None:
+    if os.getpid() != _ORCHESTRATOR_PID:
+        # A forked helper (pyroute2 opens netns sockets in forked children) inherited this
+        # handler: it must die as by default, never unwind into the orchestrator's cleanup.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     # Ignore further signals so the cleanup that the exception triggers runs to the end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -184,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _ORCHESTRATOR_PID
     args = build_parser().parse_args(argv)
+    _ORCHESTRATOR_PID = os.getpid()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:

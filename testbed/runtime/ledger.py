@@ -119,6 +119,11 @@ class Ledger:
         self.data.netns.append(name)
         self.save()
 
+    def forget_netns(self, name: str) -> None:
+        if name in self.data.netns:
+            self.data.netns.remove(name)
+            self.save()
+
     def add_process(self, pid: int, label: str, node: str) -> None:
         self.data.processes.append(ProcessRecord(pid, proc_start_time(pid), label, node))
         self.save()

@@ -23,7 +23,7 @@ from pyroute2.netlink.generic.mptcp import MPTCP
 from testbed.errors import RuntimeFailure
 from testbed.model.addressing import AddressPlan, plan_addresses
 from testbed.model.topology import LinkSpec, TopologySpec
-from testbed.runtime.ledger import Ledger
+from testbed.runtime.ledger import Ledger, delete_netns
 from testbed.runtime.node import Node
 
 log = logging.getLogger(__name__)
@@ -170,10 +170,14 @@ class Network:
 
     # -- teardown --------------------------------------------------------------------------
     def down(self) -> None:
-        """Stop every process, remove every namespace. Safe to call twice."""
+        """Stop every process of every node and remove the namespaces. Safe to call twice.
+
+        Only this network's own resources: run-level ones (payload files, the ledger) stay.
+        """
         for node in reversed(list(self.nodes.values())):
             with contextlib.suppress(Exception):
                 node.terminate()
-        self.ledger.release_all()
+            with contextlib.suppress(Exception):
+                delete_netns(node.netns, self.ledger.tag)
+            self.ledger.forget_netns(node.netns)
         self.nodes.clear()
-

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -137,6 +138,13 @@ def run_transport(pb: Playbook, transport: str, rep: int, ctx: RunContext,
     except TestbedError as exc:
         say(f"ERROR: {exc}")
         tr = TransportResult(transport, Verdict.ERROR, f"the testbed failed: {exc}")
+    except Exception as exc:  # a testbed bug: record it, keep the run and its cleanup going
+        trace = evidence_dir / "internal-error.txt"
+        trace.write_text(traceback.format_exc())
+        say(f"ERROR (internal): {exc!r}; traceback in {trace}")
+        tr = TransportResult(transport, Verdict.ERROR,
+                             f"internal testbed error {exc!r} (traceback in {ctx.rel(trace)})",
+                             evidence={"internal_error": ctx.rel(trace)})
     tr.timings["total_s"] = round(time.monotonic() - t0, 3)
     (evidence_dir / "verdict.json").write_text(json.dumps(tr.to_json(), indent=2, default=str))
     say(f"{tr.verdict.value} in {tr.timings['total_s']:.1f}s — {tr.reason}")
