@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from testbed.model.expect import Check
 SCHEMA = "testbed.result/1"
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     CONFIRMED = "CONFIRMED"      # every expectation of the playbook was measured to hold
     REFUTED = "REFUTED"          # at least one expectation was measured not to hold
     QUALIFIED = "QUALIFIED"      # holds only under conditions the reason states

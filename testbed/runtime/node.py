@@ -61,7 +61,8 @@ class Node:
             res = subprocess.run(self._argv(argv), capture_output=True, text=True,
                                  timeout=timeout, input=input)
         except subprocess.TimeoutExpired:
-            raise StepTimeout(f"{self.name}: '{' '.join(argv)}' took more than {timeout}s") from None
+            raise StepTimeout(
+                f"{self.name}: '{' '.join(argv)}' took more than {timeout}s") from None
         if check and res.returncode != 0:
             raise RuntimeFailure(f"{self.name}: '{' '.join(argv)}' failed "
                                  f"({res.returncode}): {res.stderr.strip()[:500]}")
