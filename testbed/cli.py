@@ -106,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from testbed.apps import APPS
-    from testbed.model.playbook import ATTACK_KINDS, MIDDLEBOX_KINDS
+    from testbed.model.playbook import ATTACK_KINDS, MIDDLEBOX_KINDS, load_playbook
     from testbed.model.topology import available_topologies, load_topology
 
     what = args.what
@@ -121,7 +121,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if what in ("all", "apps"):
         listing["apps"] = {k: {"requires_tcp": sorted(v().requirements("tcp")),
                                "requires_mptcp": sorted(v().requirements("mptcp")),
-                               "description": (v.__doc__ or "").strip().splitlines()[0]}
+                               "description": (v.__doc__ or v.kind).strip().splitlines()[0]}
                            for k, v in APPS.items()}
     if what in ("all", "middleboxes"):
         listing["middleboxes"] = dict(MIDDLEBOX_KINDS)
@@ -130,9 +130,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     if what in ("all", "playbooks"):
         listing["playbooks"] = {}
         for path in sorted(PLAYBOOK_DIR.glob("*.yaml")):
-            data = yaml.safe_load(path.read_text()) or {}
-            listing["playbooks"][str(path.relative_to(REPO))] = {
-                "claim": data.get("claim"), "description": data.get("description", "")}
+            try:
+                pb = load_playbook(path)
+                info = {"claim": pb.claim, "description": pb.description,
+                        "transports": list(pb.transports)}
+            except SpecError as exc:
+                info = {"claim": None, "description": f"INVALID: {exc}"}
+            listing["playbooks"][str(path.relative_to(REPO))] = info
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0
@@ -203,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except TestbedError as exc:
         print(f"testbed: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        print(f"testbed: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         print(f"testbed: interrupted ({exc or 'SIGINT'}); everything the run created was "
               "released", file=sys.stderr)

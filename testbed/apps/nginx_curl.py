@@ -140,6 +140,8 @@ def _curl_error_line(stderr: str) -> str | None:
 
 
 class NginxCurl(App):
+    """nginx serving HTTPS, curl fetching (both through mptcpize for MPTCP)."""
+
     kind: ClassVar[str] = "nginx-curl"
     requires: ClassVar[frozenset[str]] = frozenset({"nginx", "curl"})
     requires_mptcp: ClassVar[frozenset[str]] = frozenset({"mptcp", "mptcpize"})

@@ -81,6 +81,8 @@ def strip_http(body: bytes) -> tuple[int | None, bytes]:
 
 
 class OpensslCli(App):
+    """openssl s_server -WWW and s_client (through mptcpize for MPTCP)."""
+
     kind: ClassVar[str] = "openssl"
     requires: ClassVar[frozenset[str]] = frozenset({"openssl"})
     requires_mptcp: ClassVar[frozenset[str]] = frozenset({"mptcp", "mptcpize"})

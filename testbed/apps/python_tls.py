@@ -43,6 +43,8 @@ def _peer(role: str) -> list[str]:
 
 
 class PythonTls(App):
+    """Python's ssl over an IPPROTO_MPTCP (or TCP) socket; reports MPTCP_INFO and subflows."""
+
     kind: ClassVar[str] = "python"
     requires: ClassVar[frozenset[str]] = frozenset()  # the orchestrator's own Python
     requires_mptcp: ClassVar[frozenset[str]] = frozenset({"mptcp"})
