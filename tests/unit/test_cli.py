@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def testbed(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "testbed", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
@@ -19,7 +19,7 @@ def testbed(*args: str) -> subprocess.CompletedProcess[str]:
 def test_bad_playbook_gives_one_line_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ntopology: {name: dual_path}\napp: {kind: curl}\n")
-    res = testbed("run", str(bad))
+    res = run_cli("run", str(bad))
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert res.stderr.startswith(f"testbed: {bad}: app.kind: 'curl' is not allowed")
@@ -27,16 +27,16 @@ def test_bad_playbook_gives_one_line_error(tmp_path: Path) -> None:
 
 
 def test_missing_playbook_and_undeclared_parameter() -> None:
-    res = testbed("run", "/nonexistent/playbook.yaml")
+    res = run_cli("run", "/nonexistent/playbook.yaml")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "cannot read" in res.stderr
-    res = testbed("run", "playbooks/baseline.yaml", "--set", "nope=1")
+    res = run_cli("run", "playbooks/baseline.yaml", "--set", "nope=1")
     assert res.returncode == 2 and "params.nope" in res.stderr
     assert "declared parameters: app, bytes" in res.stderr
 
 
 def test_list_json_names_everything() -> None:
-    res = testbed("list", "--json")
+    res = run_cli("list", "--json")
     assert res.returncode == 0, res.stderr
     listing = json.loads(res.stdout)
     assert "dual_path" in listing["topologies"]
