@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from pyroute2.netlink.generic.mptcp import MPTCP
 
 from testbed.errors import RuntimeFailure
 from testbed.model.addressing import AddressPlan, plan_addresses
+from testbed.model.attachments import Tap
 from testbed.model.topology import LinkSpec, TopologySpec
 from testbed.runtime.ledger import Ledger, delete_netns
 from testbed.runtime.node import Node
@@ -49,16 +50,20 @@ class Network:
     @contextlib.contextmanager
     def up(cls, spec: TopologySpec, ledger: Ledger, *,
            sysctls: dict[str, dict[str, Any]] | None = None,
+           taps: Sequence[Tap] = (),
            progress: Callable[[str], None] | None = None) -> Iterator[Network]:
         """Build the network; tear it down when the block exits, however it exits.
 
         ``sysctls`` maps a node name (or ``"*"`` for every node) to extra sysctls, e.g.
-        ``{"*": {"net.mptcp.checksum_enabled": 1}}``.
+        ``{"*": {"net.mptcp.checksum_enabled": 1}}``. ``taps`` (from
+        ``testbed.model.attachments.attach``) get a mirror of their path's access link.
         """
         net = cls(spec, plan_addresses(spec), ledger)
         try:
             t0 = time.monotonic()
             net._build(sysctls or {}, progress or (lambda _msg: None))
+            for tap in taps:
+                net._mirror(tap)
             net.build_s = time.monotonic() - t0
             yield net
         finally:
@@ -157,6 +162,18 @@ class Network:
             burst = max(int(rate_bps / 8 / 250), 16 * 1024)  # one 4 ms tick, at least 16 KiB
             ipr.tc("add", "tbf", idx, handle="1:", rate=f"{int(rate_bps)}bit", burst=burst,
                    latency=f"{TBF_LATENCY_MS}ms")
+
+    def _mirror(self, tap: Tap) -> None:
+        """Mirror both directions of the router's link to the observed node onto the tap's
+        link (tc clsact + mirred). A bridge would not pass frames addressed to itself."""
+        router = self.nodes[tap.router]
+        seen = self.plan.interface(tap.router, tap.observed).ifname
+        to_tap = self.plan.interface(tap.router, tap.attacker).ifname
+        router.run(["tc", "qdisc", "add", "dev", seen, "clsact"])
+        for direction in ("ingress", "egress"):
+            router.run(["tc", "filter", "add", "dev", seen, direction, "protocol", "all",
+                        "u32", "match", "u32", "0", "0", "action", "mirred", "egress",
+                        "mirror", "dev", to_tap])
 
     # -- use -------------------------------------------------------------------------------
     def address(self, node: str, path: str | None = None) -> str:
