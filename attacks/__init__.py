@@ -1,0 +1,17 @@
+"""Attack plugins: one module per kind, registered in ``ATTACKS``.
+
+A playbook entry ``attacks: [{kind: passive, position: tap, path: wifi, ...params}]`` is
+validated by the kind's ``validate``; at run time the runner places an attacker node at the
+position and drives the attack around the victim's transfer (see
+``testbed.runtime.attack`` for the contract). To add a kind: write ``attacks/<kind>.py``
+with a subclass of ``testbed.runtime.attack.Attack``, list it below, and add a playbook.
+"""
+
+from __future__ import annotations
+
+from attacks.passive import Passive
+from testbed.runtime.attack import Attack
+
+ATTACKS: dict[str, type[Attack]] = {cls.kind: cls for cls in (Passive,)}
+
+__all__ = ["ATTACKS", "Attack"]
