@@ -13,10 +13,16 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 STAMP="$VENV/.setup-stamp"
 PACKAGES=(mininet tcpdump tshark nginx-light openssl curl mptcpize iptables nftables
-          iproute2 socat ethtool net-tools procps)
+          iproute2 socat ethtool net-tools procps openssh-server)
+# Tools for the VM path, only on a machine that is not itself the testbed VM (the VM image
+# and the Vagrant provisioning write /etc/mptcp-testbed-vm): qemu and debootstrap for
+# `make vm-test`, vagrant and vagrant-libvirt for `vagrant validate` in the
+# test suite (about 19 MB download).
+VM_HOST_PACKAGES=(qemu-system-x86 qemu-utils debootstrap vagrant vagrant-libvirt)
+VM_MARKER=/etc/mptcp-testbed-vm
 # Commands those packages provide; used to check a machine that has no dpkg.
 COMMANDS=(mnexec tcpdump tshark nginx openssl curl mptcpize iptables nft ip tc socat
-          ethtool netstat ps)
+          ethtool netstat ps sshd)
 
 say() { printf 'setup: %s\n' "$*"; }
 not_ready() { printf 'setup: cannot run the testbed here: %s\n' "$*" >&2; exit 3; }
@@ -42,6 +48,7 @@ venv_works() { [ -x "$VENV/bin/python" ] &&
 
 if command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     wanted=("${PACKAGES[@]}")
+    [ -e "$VM_MARKER" ] || wanted+=("${VM_HOST_PACKAGES[@]}")
     # python3-venv only when a venv must be made and this Python cannot make one.
     if ! venv_works && ! "$PY" -m ensurepip --version >/dev/null 2>&1; then
         case "$(command -v "$PY")" in
