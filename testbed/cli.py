@@ -124,7 +124,14 @@ def cmd_list(args: argparse.Namespace) -> int:
                                "description": (v.__doc__ or v.kind).strip().splitlines()[0]}
                            for k, v in APPS.items()}
     if what in ("all", "middleboxes"):
-        listing["middleboxes"] = dict(MIDDLEBOX_KINDS)
+        from testbed.middleboxes import MIDDLEBOXES
+
+        listing["middleboxes"] = {
+            k: {"description": desc,
+                "requires": sorted(MIDDLEBOXES[k].requires) if k in MIDDLEBOXES else [],
+                "params": ({p.name: p.describe() for p in MIDDLEBOXES[k].params.values()}
+                           if k in MIDDLEBOXES else {})}
+            for k, desc in MIDDLEBOX_KINDS.items()}
     if what in ("all", "attacks"):
         listing["attacks"] = dict(ATTACK_KINDS)
     if what in ("all", "playbooks"):
@@ -147,6 +154,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, info in items.items():
             desc = info.get("description", "") if isinstance(info, dict) else str(info)
             print(f"  {name:<28} {desc}")
+            if isinstance(info, dict) and "params" in info:
+                print(f"  {'':<28} requires: {', '.join(info.get('requires', [])) or 'nothing'}")
+                for pname, phelp in info["params"].items():
+                    print(f"  {'':<28}   {pname}: {phelp}")
     return 0
 
 

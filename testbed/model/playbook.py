@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from testbed.errors import SpecError
+from testbed.middleboxes import MIDDLEBOXES
 from testbed.model.claims import CLAIMS
 from testbed.model.expect import EXPECT_KEYS, Expectation, parse_expectations
 from testbed.model.template import render_leaves
@@ -25,8 +27,12 @@ from testbed.model.validate import NAME_RE, Fields
 TRANSPORTS = ("tcp", "mptcp")
 APP_KINDS = ("python", "nginx-curl", "openssl")
 # Plugins register their kinds here (middlebox and attack issues); empty until they land.
-MIDDLEBOX_KINDS: dict[str, str] = {}
+MIDDLEBOX_KINDS: dict[str, str] = {k: cls.description for k, cls in MIDDLEBOXES.items()}
 ATTACK_KINDS: dict[str, str] = {}
+# kind -> validate(params, file, field) returning the checked params (defaults filled in).
+PluginValidator = Callable[[dict[str, Any], str, str], dict[str, Any]]
+MIDDLEBOX_VALIDATORS: dict[str, PluginValidator] = {
+    k: cls.validate for k, cls in MIDDLEBOXES.items()}
 MAX_BYTES = 1 << 30  # 1 GiB per transfer
 MAX_REPEAT = 100
 MAX_TIMEOUT_S = 600
@@ -152,7 +158,13 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
         timeout_s=app_f.number("timeout_s", default=30.0, lo=1, hi=MAX_TIMEOUT_S),
     )
 
-    middleboxes = _plugins(top, "middleboxes", "path", MIDDLEBOX_KINDS, set(topology.paths))
+    middleboxes = _plugins(top, "middleboxes", "path", MIDDLEBOX_KINDS, set(topology.paths),
+                           MIDDLEBOX_VALIDATORS)
+    for i, mb in enumerate(middleboxes):  # only a path with a slot node can host one
+        if mb.where not in topology.middlebox_slots:
+            raise top.error(f"middleboxes[{i}].path", f"path {mb.where!r} has no middlebox "
+                            f"slot in topology {topology.name}", "paths with a slot: "
+                            f"{', '.join(sorted(topology.middlebox_slots)) or 'none'}")
     attacks = _plugins(top, "attacks", "position", ATTACK_KINDS,
                        {"tap", "off_path", "half_on_path", "on_path"})
 
@@ -186,7 +198,8 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
 
 
 def _plugins(top: Fields, key: str, where_key: str, registry: dict[str, str],
-             places: set[str]) -> list[PluginSpec]:
+             places: set[str],
+             validators: dict[str, PluginValidator] | None = None) -> list[PluginSpec]:
     out = []
     for i, body in enumerate(top.sequence(key, max_items=16)):
         field_name = f"{key}[{i}]"
@@ -203,6 +216,9 @@ def _plugins(top: Fields, key: str, where_key: str, registry: dict[str, str],
             raise top.error(f"{field_name}.{where_key}", f"{where!r} is not allowed",
                             f"allowed values: {', '.join(sorted(places))}")
         params = {k: v for k, v in body.items() if k not in ("kind", where_key)}
+        validate = (validators or {}).get(str(kind))
+        if validate is not None:
+            params = validate(params, top.file, top.path(field_name))
         out.append(PluginSpec(str(kind), str(where), params))
     return out
 

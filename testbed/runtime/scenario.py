@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -21,7 +22,8 @@ from typing import Any
 
 from testbed.apps import APPS
 from testbed.apps.base import AppContext
-from testbed.errors import TestbedError
+from testbed.errors import RuntimeFailure, TestbedError
+from testbed.middleboxes import MIDDLEBOXES, Middlebox
 from testbed.model.counters import diff
 from testbed.model.expect import evaluate
 from testbed.model.facts import derive_facts
@@ -116,6 +118,8 @@ def _git_commit() -> str | None:
 def requirements(pb: Playbook, transport: str) -> set[str]:
     needs = set(ALWAYS_REQUIRED) | pb.topology.requirements | set(pb.requires)
     needs |= APPS[pb.app.kind]().requirements(transport)
+    for mb in pb.middleboxes:
+        needs |= MIDDLEBOXES[mb.kind].requires
     return needs
 
 
@@ -175,6 +179,38 @@ def _payload(ctx: RunContext, size: int) -> tuple[Path, str]:
 
 
 @contextlib.contextmanager
+def _middleboxes(pb: Playbook, net: Network, say: Progress) -> Iterator[list[Middlebox]]:
+    """Install the playbook's middleboxes in their slot nodes; remove them however the
+    block ends (teardown also cleans up after a failed setup)."""
+    boxes: list[Middlebox] = []
+    try:
+        for spec in pb.middleboxes:
+            box = MIDDLEBOXES[spec.kind](spec.where, spec.params)
+            boxes.append(box)
+            node = net.nodes[net.spec.middlebox_slots[spec.where]]
+            say(f"middlebox {spec.kind} on {spec.where} ({node.name})")
+            box.setup(node, net, spec.where)
+        yield boxes
+    finally:
+        failures = []
+        for box in reversed(boxes):
+            try:
+                box.teardown()
+            except TestbedError as exc:
+                failures.append(f"{box.kind} on {box.path}: {exc}")
+        if failures and sys.exc_info()[0] is None:
+            raise RuntimeFailure("middlebox teardown failed: " + "; ".join(failures))
+
+
+def _middlebox_evidence(boxes: list[Middlebox], evidence_dir: Path, ctx: RunContext,
+                        evidence: dict[str, str]) -> None:
+    for box in boxes:
+        path = evidence_dir / f"middlebox-{box.path}-{box.kind}.txt"
+        path.write_text(box.report())
+        evidence[f"middlebox.{box.path}.{box.kind}"] = ctx.rel(path)
+
+
+@contextlib.contextmanager
 def _recording(net: Network, evidence_dir: Path, ctx: RunContext,
                evidence: dict[str, str]) -> Iterator[dict[str, Path]]:
     """Start one capture per path and the MPTCP monitors; stop them however the block ends."""
@@ -214,7 +250,8 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
     timings: dict[str, float] = {}
     sysctls = {"*": dict(pb.sysctls)} if pb.sysctls else None
     say("building network")
-    with Network.up(pb.topology, ctx.ledger, sysctls=sysctls) as net:
+    with Network.up(pb.topology, ctx.ledger, sysctls=sysctls) as net, \
+            _middleboxes(pb, net, say) as boxes:
         timings["build_s"] = round(net.build_s, 3)
         client = net.node_of_role("client")
         server = net.node_of_role("server")
@@ -231,6 +268,8 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
                 say(f"client fetching {pb.app.bytes} bytes over {transport}")
                 sampler = SsSampler.start(client)
                 t1 = time.monotonic()
+                for box in boxes:
+                    box.on_transfer_start()
                 try:
                     outcome = app.run_client(client, app_ctx)
                 finally:
@@ -239,6 +278,7 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
             finally:
                 app.stop_server(server, handle)
             after = {name: snapshot_counters(node) for name, node in net.nodes.items()}
+        _middlebox_evidence(boxes, evidence_dir, ctx, evidence)
         counters = {name: diff(before[name], after[name]) for name in net.nodes}
         ss_path = evidence_dir / "ss-client.json"
         ss_path.write_text(json.dumps(samples, indent=1, default=str))

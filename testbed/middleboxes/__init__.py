@@ -1,0 +1,19 @@
+"""Middlebox plugins: one module per kind, registered in ``MIDDLEBOXES``.
+
+A playbook entry ``middleboxes: [{kind: nat, path: cell, ...params}]`` is validated by the
+kind's ``validate`` and, at run time, installed in the path's middlebox slot node
+(``topology.middlebox_slots``) after the network is up and before recording starts.
+"""
+
+from __future__ import annotations
+
+from testbed.middleboxes.base import Middlebox, ParamSpec
+from testbed.middleboxes.blackhole import Blackhole
+from testbed.middleboxes.drop_mptcp_syn import DropMptcpSyn
+from testbed.middleboxes.nat import Nat
+from testbed.middleboxes.strip_mp_capable import StripMpCapable
+
+MIDDLEBOXES: dict[str, type[Middlebox]] = {
+    cls.kind: cls for cls in (Nat, StripMpCapable, DropMptcpSyn, Blackhole)}
+
+__all__ = ["MIDDLEBOXES", "Middlebox", "ParamSpec"]

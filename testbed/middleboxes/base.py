@@ -1,0 +1,266 @@
+"""The middlebox plugin contract.
+
+A middlebox kind is a small class: its parameters (typed, with defaults and allowed
+values), the doctor capabilities it needs, and a jinja2 template of the firewall rules it
+installs in a path's middlebox slot node. Rules are rendered in a sandbox with
+StrictUndefined and applied atomically inside the node's namespace, with
+``iptables-restore --noflush`` (backend ``iptables``) or ``nft -f -`` (backend ``nft``).
+
+Every iptables rule a middlebox adds carries a comment with the middlebox's marker (the
+run's tag, the path and the kind); every nft rule lives in a table of its own. Teardown
+deletes exactly those, so it is idempotent and also cleans up after a failed setup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shlex
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
+
+from testbed.errors import RuntimeFailure, SpecError, TestbedError
+
+if TYPE_CHECKING:
+    from testbed.runtime.network import Network
+    from testbed.runtime.node import Node
+
+BACKENDS = ("iptables", "nft")
+IPTABLES_TABLES = ("filter", "nat", "mangle", "raw")
+_ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False,
+                            keep_trailing_newline=True)
+_RULE_RE = re.compile(r"^-([AI])\s+(\S+)(\s+\d+)?(\s.*)?$")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a middlebox kind."""
+
+    name: str
+    type: type  # int, float, str or bool
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    lo: float | None = None
+    hi: float | None = None
+    # Values that are recognised but refused, with the reason (e.g. not implemented yet).
+    refused: tuple[tuple[Any, str], ...] = ()
+
+    def describe(self) -> str:
+        allowed = ""
+        if self.choices is not None:
+            allowed = f" one of {', '.join(map(str, self.choices))};"
+        elif self.lo is not None or self.hi is not None:
+            lo = "" if self.lo is None else self.lo
+            hi = "" if self.hi is None else self.hi
+            allowed = f" {lo}..{hi};"
+        return f"{self.type.__name__},{allowed} default {self.default}: {self.help}"
+
+    def check(self, value: Any, file: str, field: str) -> Any:
+        for bad, why in self.refused:
+            if value == bad:
+                raise SpecError(file, field, f"{value!r} {why}",
+                                f"allowed values: {', '.join(map(str, self.choices or ()))}")
+        if self.type is bool:
+            ok = isinstance(value, bool)
+        elif self.type is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif self.type is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, self.type)
+        if not ok:
+            allowed = (f"allowed values: {', '.join(map(str, self.choices))}"
+                       if self.choices is not None else f"give a {self.type.__name__}")
+            raise SpecError(file, field, f"expected a {self.type.__name__}, got "
+                            f"{value!r}"[:200], allowed)
+        if self.choices is not None and value not in self.choices:
+            raise SpecError(file, field, f"{value!r} is not allowed"[:200],
+                            f"allowed values: {', '.join(map(str, self.choices))}")
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            raise SpecError(file, field, f"{value!r} is out of range",
+                            f"allowed range: {self.lo}..{self.hi}")
+        return value
+
+
+def render(template: str, context: dict[str, Any]) -> str:
+    """Render a rule template in the sandbox; an undefined variable is an error."""
+    try:
+        return _ENV.from_string(template).render(**context)
+    except TemplateError as exc:
+        raise RuntimeFailure(f"middlebox rule template failed: {exc}") from None
+
+
+def mark_iptables_rules(text: str, marker: str) -> str:
+    """Give every ``-A``/``-I`` line of an iptables-restore document the marker comment."""
+    out = []
+    for line in text.splitlines():
+        m = _RULE_RE.match(line.strip())
+        if m:
+            verb, chain, pos, rest = m.group(1), m.group(2), m.group(3) or "", m.group(4) or ""
+            line = f"-{verb} {chain}{pos} -m comment --comment {marker}{rest}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+class Middlebox:
+    """Base class of middlebox kinds. Subclasses set the class variables and, if the
+    template needs more than the parameters and the standard variables, ``variables``."""
+
+    kind: ClassVar[str]
+    description: ClassVar[str]
+    params: ClassVar[dict[str, ParamSpec]] = {}
+    requires: ClassVar[frozenset[str]] = frozenset()
+    backend: ClassVar[str] = "iptables"
+    template: ClassVar[str] = ""
+
+    def __init__(self, path: str, values: dict[str, Any]) -> None:
+        self.path = path
+        self.values = dict(values)
+        self.node: Node | None = None
+        self.marker = ""
+        self.applied = ""
+        self._tables: set[str] = set()
+        self._lock = threading.Lock()
+        self._timers: list[threading.Timer] = []
+        self._stopped = False
+        self.events: list[str] = []  # what happened at run time (timers), for the evidence
+
+    # -- validation ------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, params: dict[str, Any], file: str, field: str) -> dict[str, Any]:
+        """Check ``params`` against the kind's specs; return them with defaults filled in."""
+        out = {}
+        for key in params:
+            if key not in cls.params:
+                raise SpecError(file, f"{field}.{key}", f"not a parameter of {cls.kind}",
+                                f"parameters: {', '.join(cls.params) or 'none'}")
+        for name, spec in cls.params.items():
+            value = params.get(name, spec.default)
+            out[name] = spec.check(value, file, f"{field}.{name}")
+        return out
+
+    # -- rules -----------------------------------------------------------------------------
+    def variables(self, node: Node, net: Network) -> dict[str, Any]:
+        """Template variables beyond the parameters; override to add some."""
+        return {}
+
+    def render_rules(self, context: dict[str, Any], template: str | None = None) -> str:
+        text = render(self.template if template is None else template, context)
+        if self.backend == "iptables":
+            text = mark_iptables_rules(text, self.marker)
+        return text
+
+    def context(self, node: Node, net: Network) -> dict[str, Any]:
+        return {**self.values, "path": self.path, "marker": self.marker,
+                "table_name": self.nft_table, **self.variables(node, net)}
+
+    @property
+    def nft_table(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_]", "_", self.marker)
+
+    def setup(self, node: Node, net: Network, path: str) -> None:
+        self.node = node
+        self.path = path
+        self.marker = f"{net.ledger.tag}-mb-{path}-{self.kind}"
+        text = self.render_rules(self.context(node, net))
+        self.applied = text
+        if text.strip():
+            self.apply(text)
+
+    def apply(self, text: str) -> None:
+        """Apply a rendered document (also used by timers for late rules)."""
+        assert self.node is not None
+        if self.backend == "nft":
+            self.node.run(["nft", "-f", "-"], input=text)
+            return
+        self._tables |= {t[1:].strip() for t in text.splitlines() if t.startswith("*")}
+        self.node.run(["iptables-restore", "-w", "5", "--noflush"], input=text)
+
+    def on_transfer_start(self) -> None:
+        """Called just before the client starts; time-based middleboxes arm here."""
+
+    def later(self, delay_s: float, what: str, action: Callable[[], None]) -> None:
+        """Run ``action`` in ``delay_s`` seconds unless the middlebox is torn down first."""
+        def fire() -> None:
+            with self._lock:
+                if self._stopped:
+                    return
+                try:
+                    action()
+                    self.events.append(f"{what}: done")
+                except TestbedError as exc:
+                    self.events.append(f"{what}: FAILED: {exc}")
+        timer = threading.Timer(delay_s, fire)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    # -- evidence --------------------------------------------------------------------------
+    def report(self) -> str:
+        """The rules as applied and the kernel's view of them with packet counters."""
+        parts = [f"# middlebox {self.kind} on path {self.path}, node "
+                 f"{self.node.name if self.node else '?'}", f"# parameters: {self.values}",
+                 "# rules applied:", self.applied.rstrip()]
+        if self.events:
+            parts += ["# run-time events:", *self.events]
+        if self.node is not None:
+            if self.backend == "nft":
+                res = self.node.run(["nft", "list", "ruleset"], check=False)
+                parts += ["# nft list ruleset (after the transfer):", res.stdout + res.stderr]
+            for table in sorted(self._tables | {"filter"} if self.backend == "iptables"
+                                else ()):
+                res = self.node.run(["iptables", "-w", "5", "-t", table, "-L", "-v", "-n",
+                                     "-x"], check=False)
+                parts += [f"# iptables -t {table} -L -v -n -x (after the transfer):",
+                          res.stdout + res.stderr]
+        return "\n".join(parts) + "\n"
+
+    # -- teardown --------------------------------------------------------------------------
+    def teardown(self) -> None:
+        """Cancel timers, remove every rule this middlebox added. Safe to call twice, and
+        after a failed or partial setup."""
+        with self._lock:
+            self._stopped = True
+        for timer in self._timers:
+            timer.cancel()
+        for timer in self._timers:
+            timer.join(timeout=15)
+        node = self.node
+        if node is None or not self.marker:
+            return
+        if self.backend == "nft":
+            if self.remaining_rules():
+                node.run(["nft", "delete", "table", "inet", self.nft_table])
+            return
+        for table in IPTABLES_TABLES:
+            for _ in range(64):  # bounded: each pass deletes one rule
+                res = node.run(["iptables-save", "-t", table], check=False)
+                lines = [ln for ln in res.stdout.splitlines()
+                         if ln.startswith("-A ") and self.marker in shlex.split(ln)]
+                if not lines:
+                    break
+                with contextlib.suppress(TestbedError):
+                    node.run(["iptables", "-w", "5", "-t", table, "-D",
+                              *shlex.split(lines[0])[1:]])
+            else:
+                raise RuntimeFailure(f"{node.name}: cannot remove the rules of {self.marker}")
+
+    def remaining_rules(self) -> list[str]:
+        """Rules of this middlebox still present (empty after a good teardown)."""
+        if self.node is None:
+            return []
+        if self.backend == "nft":
+            res = self.node.run(["nft", "list", "tables"], check=False)
+            return [ln for ln in res.stdout.splitlines() if ln.split()[-1:] == [self.nft_table]]
+        left = []
+        for table in IPTABLES_TABLES:
+            res = self.node.run(["iptables-save", "-t", table], check=False)
+            left += [ln for ln in res.stdout.splitlines() if self.marker in ln]
+        return left
