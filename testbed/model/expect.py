@@ -16,7 +16,7 @@ from testbed.model.outcome import STATUSES
 from testbed.model.topology import TopologySpec
 
 COMPARE_RE = re.compile(r"^\s*(==|!=|>=|<=|>|<)\s*(-?\d+)\s*$")
-COUNTER_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{1,63}$")
+COUNTER_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{1,63}\Z")  # \Z: "$" accepts a trailing newline
 PATH_LIST_KEYS = ("paths_with_data", "sni_seen_on", "keys_seen_on")
 EXPECT_KEYS = ("status", "checksum_match", "tls_version", "subflows", "fallback",
                *PATH_LIST_KEYS, "counters")

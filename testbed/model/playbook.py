@@ -14,15 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from testbed.errors import SpecError
 from testbed.middleboxes import MIDDLEBOXES
 from testbed.model.claims import CLAIMS
 from testbed.model.expect import EXPECT_KEYS, Expectation, parse_expectations
 from testbed.model.template import render_leaves
-from testbed.model.topology import TOPOLOGY_DIR, TopologySpec, load_topology
-from testbed.model.validate import NAME_RE, Fields
+from testbed.model.topology import (
+    TOPOLOGY_DIR,
+    TopologySpec,
+    available_topologies,
+    load_topology,
+)
+from testbed.model.validate import NAME_RE, Fields, load_yaml
 
 TRANSPORTS = ("tcp", "mptcp")
 APP_KINDS = ("python", "nginx-curl", "openssl")
@@ -37,8 +40,9 @@ MAX_BYTES = 1 << 30  # 1 GiB per transfer
 MAX_REPEAT = 100
 MAX_TIMEOUT_S = 600
 MAX_FILE_BYTES = 256 * 1024
-SNI_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-REQUIREMENT_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# \Z, not $: "$" also matches before a trailing newline.
+SNI_RE = re.compile(r"^(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}\Z")
+REQUIREMENT_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ def load_playbook(path: str | Path, overrides: dict[str, Any] | None = None,
         raise SpecError(file, "(file)", f"{size} bytes, larger than {MAX_FILE_BYTES}",
                         "a playbook is a short description")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(file, "(file)", f"cannot read: {exc}", "save it as UTF-8 text") from None
     return parse_playbook(text, file, overrides or {}, topology_dir)
@@ -107,14 +111,7 @@ def load_playbook(path: str | Path, overrides: dict[str, Any] | None = None,
 
 def parse_playbook(text: str, file: str, overrides: dict[str, Any],
                    topology_dir: Path = TOPOLOGY_DIR) -> Playbook:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
-        raise SpecError(file, "(syntax)", f"not valid YAML: {first}"[:300],
-                        "fix the YAML syntax") from None
-    except RecursionError:
-        raise SpecError(file, "(syntax)", "nested too deeply", "flatten the document") from None
+    data = load_yaml(text, file)
     top = Fields(data, file, "", TOP_KEYS)
     defaults = top.mapping("params")
     for key in defaults:
@@ -135,7 +132,8 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
 
     topo = Fields(top.raw("topology"), file, "topology", ("name", "params"))
     topo_params = topo.mapping("params")
-    topology = load_topology(topo.str("name"), topo_params, topology_dir)
+    topology = _load_topology(topo.str("name", pattern=NAME_RE), topo_params, topology_dir,
+                              file)
 
     transports_raw = top.sequence("transports", max_items=2) or list(TRANSPORTS)
     for i, t in enumerate(transports_raw):
@@ -197,6 +195,23 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
     )
 
 
+def _load_topology(name: str, params: dict[str, Any], directory: Path,
+                   file: str) -> TopologySpec:
+    """The playbook's topology; its errors name the playbook (the topology file only as
+    the reason), since the playbook chose the name and the parameters."""
+    if name not in available_topologies(directory):
+        raise SpecError(file, "topology.name", f"no topology called '{name}'",
+                        f"available: {', '.join(available_topologies(directory)) or 'none'}")
+    try:
+        return load_topology(name, params, directory)
+    except SpecError as exc:
+        if exc.field in {f"params.{k}" for k in params}:
+            raise SpecError(file, f"topology.{exc.field}", exc.problem, exc.fix) from None
+        raise SpecError(file, "topology.params", f"topology '{name}' rejects these "
+                        f"parameters: {exc}"[:1000], "fix the values under topology.params"
+                        ) from None
+
+
 def _plugins(top: Fields, key: str, where_key: str, registry: dict[str, str],
              places: set[str],
              validators: dict[str, PluginValidator] | None = None) -> list[PluginSpec]:
@@ -207,12 +222,13 @@ def _plugins(top: Fields, key: str, where_key: str, registry: dict[str, str],
             raise top.error(field_name, "expected a mapping with 'kind' and "
                             f"'{where_key}'")
         kind = body.get("kind")
-        if kind not in registry:
+        if not isinstance(kind, str) or kind not in registry:
             available = ", ".join(sorted(registry)) or "none in this version"
-            raise top.error(f"{field_name}.kind", f"unknown {key[:-2] if key.endswith('es') else key[:-1]} kind {kind!r}",
+            singular = key[:-2] if key.endswith("es") else key[:-1]
+            raise top.error(f"{field_name}.kind", f"unknown {singular} kind {kind!r}"[:200],
                             f"available: {available}")
         where = body.get(where_key)
-        if where not in places:
+        if not isinstance(where, str) or where not in places:
             raise top.error(f"{field_name}.{where_key}", f"{where!r} is not allowed",
                             f"allowed values: {', '.join(sorted(places))}")
         params = {k: v for k, v in body.items() if k not in ("kind", where_key)}

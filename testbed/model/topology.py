@@ -9,15 +9,14 @@ from it; nothing here touches the kernel.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from testbed.errors import SpecError
 from testbed.model.template import render_leaves
-from testbed.model.validate import NAME_RE, Fields
+from testbed.model.validate import NAME_RE, Fields, load_yaml
 
 ROLES = ("client", "server", "router", "middlebox", "attacker")
 ALLOWED_POOLS = tuple(
@@ -27,6 +26,8 @@ ALLOWED_POOLS = tuple(
 MAX_NODES = 256
 MAX_RATE_MBIT = 100_000
 MAX_DELAY_MS = 10_000
+# Path labels name interfaces ("<path><n>", at most 15 characters): at most 12 characters.
+PATH_RE = re.compile(r"^[a-z][a-z0-9_]{0,11}\Z")
 
 TOPOLOGY_DIR = Path(__file__).resolve().parents[2] / "topologies"
 
@@ -113,18 +114,23 @@ def load_topology(name: str, params: dict[str, Any] | None = None,
     if not path.is_file():
         raise SpecError(str(path), "topology.name", f"no topology called '{name}'",
                         f"available: {', '.join(available_topologies(directory))}")
-    return parse_topology(path.read_text(), str(path), params or {})
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), "(file)", f"cannot read: {exc}", "save it as UTF-8 text"
+                        ) from None
+    return parse_topology(text, str(path), params or {})
 
 
 def parse_topology(text: str, file: str, overrides: dict[str, Any]) -> TopologySpec:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(file, "(syntax)", f"not valid YAML: {exc}".splitlines()[0][:300],
-                        "fix the YAML syntax") from None
+    data = load_yaml(text, file)
     top = Fields(data, file, "", ("name", "description", "params", "nodes", "links", "pools",
                                   "primary_path", "middlebox_slots", "attach"))
     defaults = top.mapping("params")
+    for key in defaults:
+        if not isinstance(key, str) or not NAME_RE.match(key):
+            raise top.error(f"params.{key}", "invalid parameter name",
+                            "use lower-case letters, digits and '_'")
     for key in overrides:
         if key not in defaults:
             raise SpecError(file, f"params.{key}", "this topology has no such parameter",
@@ -153,6 +159,9 @@ def parse_topology(text: str, file: str, overrides: dict[str, Any]) -> TopologyS
     pools: dict[str, ipaddress.IPv4Network] = {}
     for path_name, cidr in top.mapping("pools").items():
         field_name = f"pools.{path_name}"
+        if not isinstance(path_name, str) or not PATH_RE.match(path_name):
+            raise SpecError(file, field_name, "invalid path name",
+                            "use 1-12 lower-case letters, digits or '_', starting with a letter")
         try:
             net = ipaddress.ip_network(str(cidr), strict=True)
         except ValueError:
@@ -211,9 +220,11 @@ def parse_topology(text: str, file: str, overrides: dict[str, Any]) -> TopologyS
     slots = {}
     for path_label, node_name in top.mapping("middlebox_slots").items():
         if path_label not in pools:
-            raise top.error(f"middlebox_slots.{path_label}", "unknown path")
-        if node_name not in node_names:
-            raise top.error(f"middlebox_slots.{path_label}", f"unknown node '{node_name}'")
+            raise top.error(f"middlebox_slots.{path_label}", "unknown path",
+                            f"paths with a pool: {', '.join(pools)}")
+        if not isinstance(node_name, str) or node_name not in node_names:
+            raise top.error(f"middlebox_slots.{path_label}", f"unknown node {node_name!r}",
+                            f"declared nodes: {', '.join(sorted(node_names))}")
         slots[str(path_label)] = str(node_name)
 
     attach = {}
@@ -221,8 +232,9 @@ def parse_topology(text: str, file: str, overrides: dict[str, Any]) -> TopologyS
         if point not in ATTACH_POINTS:
             raise top.error(f"attach.{point}", "unknown attachment point",
                             f"allowed: {', '.join(ATTACH_POINTS)}")
-        if node_name not in node_names:
-            raise top.error(f"attach.{point}", f"unknown node '{node_name}'")
+        if not isinstance(node_name, str) or node_name not in node_names:
+            raise top.error(f"attach.{point}", f"unknown node {node_name!r}",
+                            f"declared nodes: {', '.join(sorted(node_names))}")
         attach[str(point)] = str(node_name)
 
     spec = TopologySpec(name=name, description=description, nodes=tuple(nodes),

@@ -7,9 +7,57 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import yaml
+
 from testbed.errors import SpecError
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "name\n" through.
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,15}\Z")
+# A YAML document may use aliases (&a / *a): they are counted each time they are reached,
+# so a "billion laughs" document or a self-referencing alias is refused, not expanded.
+MAX_DEPTH = 32
+MAX_VALUES = 100_000
+# libyaml's parser is ten times faster than the pure-Python one (and bounds nesting itself);
+# both build plain data with the safe constructor.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_yaml(text: str, file: str) -> Any:
+    """Parse ``text`` with the safe loader; any failure, an over-deep nesting or an alias
+    bomb is a SpecError naming ``file``."""
+    try:
+        data = yaml.load(text, Loader=_SAFE_LOADER)  # a safe loader
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
+        raise SpecError(file, "(syntax)", f"not valid YAML: {first}"[:300],
+                        "fix the YAML syntax") from None
+    except RecursionError:
+        raise SpecError(file, "(syntax)", "nested too deeply", "flatten the document") from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        # Scalars the safe constructors cannot build: 2001-13-45, !!int zz, !!timestamp x,
+        # an integer of more than 4300 digits.
+        raise SpecError(file, "(syntax)", f"not a valid YAML value: {exc}"[:300],
+                        "quote the value or fix it") from None
+    _check_shape(data, file)
+    return data
+
+
+def _check_shape(data: Any, file: str) -> None:
+    budget = MAX_VALUES
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if not isinstance(value, dict | list):
+            continue
+        if depth >= MAX_DEPTH:
+            raise SpecError(file, "(document)", f"nested more than {MAX_DEPTH} levels deep",
+                            "flatten the document; an alias may not contain itself")
+        budget -= len(value) * (2 if isinstance(value, dict) else 1)
+        if budget < 0:
+            raise SpecError(file, "(document)", f"more than {MAX_VALUES} values (aliases "
+                            "expanded)", "write a smaller document; avoid alias bombs")
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in children)
 
 
 class Fields:
