@@ -83,7 +83,7 @@ class Playbook:
 
 
 TOP_KEYS = ("name", "claim", "description", "params", "topology", "transports", "app",
-            "middleboxes", "attacks", "expect", "requires", "sysctls", "repeat")
+            "middleboxes", "attacks", "expect", "requires", "sysctls", "repeat", "sweep")
 ALLOWED_SYSCTLS = ("net.mptcp.checksum_enabled", "net.mptcp.allow_join_initial_addr_port",
                    "net.mptcp.add_addr_timeout", "net.mptcp.close_timeout",
                    "net.mptcp.blackhole_timeout", "net.mptcp.syn_retrans_before_tcp_fallback",
@@ -123,7 +123,9 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
             raise SpecError(file, f"params.{key}", "set on the command line but not declared",
                             f"declared parameters: {', '.join(sorted(defaults)) or 'none'}")
     context = {**defaults, **overrides}
-    rendered = render_leaves({k: v for k, v in data.items() if k != "params"}, context, file)
+    # `sweep` lists parameter values (expand_sweeps); it is data, never a template.
+    rendered = render_leaves({k: v for k, v in data.items() if k not in ("params", "sweep")},
+                             context, file)
     top = Fields(rendered, file, "", TOP_KEYS)
 
     name = top.str("name", pattern=NAME_RE)
@@ -236,6 +238,70 @@ def _plugins(top: Fields, key: str, where_key: str, registry: dict[str, str],
         if validate is not None:
             params = validate(params, top.file, top.path(field_name))
         out.append(PluginSpec(str(kind), str(where), params))
+    return out
+
+
+MAX_SWEEP_VALUES = 16
+MAX_SWEEP_SCENARIOS = 64
+SWEEP_VALUE_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,40}\Z")
+
+
+def expand_sweeps(path: str | Path, overrides: dict[str, Any] | None = None,
+                  topology_dir: Path = TOPOLOGY_DIR) -> list[Playbook]:
+    """The scenarios of a playbook: one per combination (cartesian product, in the order
+    written) of the values its ``sweep: {param: [v1, v2], ...}`` lists, each named
+    ``<name>[param=v1,...]`` and reported separately; just the playbook when it has no
+    sweep. A parameter set with ``--set`` (``overrides``) is fixed, not swept."""
+    overrides = dict(overrides or {})
+    base = load_playbook(path, overrides, topology_dir)
+    file = str(path)
+    data = load_yaml(Path(path).read_text(encoding="utf-8"), file)
+    raw = data.get("sweep") if isinstance(data, dict) else None
+    if raw is None:
+        return [base]
+    if not isinstance(raw, dict) or not raw:
+        raise SpecError(file, "sweep", "expected a non-empty mapping of parameter -> list",
+                        "e.g. sweep: {nat_path: [wifi, cell]}")
+    axes: list[tuple[str, list[Any]]] = []
+    for param, values in raw.items():
+        field_name = f"sweep.{param}"
+        if not isinstance(param, str) or param not in base.params:
+            raise SpecError(file, field_name, "not a declared parameter",
+                            f"declared parameters: {', '.join(sorted(base.params)) or 'none'}")
+        if param in overrides:
+            continue
+        if not isinstance(values, list) or not values:
+            raise SpecError(file, field_name, "expected a non-empty list of values",
+                            f"e.g. {param}: [a, b]")
+        if len(values) > MAX_SWEEP_VALUES:
+            raise SpecError(file, field_name, f"{len(values)} values, more than "
+                            f"{MAX_SWEEP_VALUES}", "sweep fewer values")
+        for i, value in enumerate(values):
+            if isinstance(value, dict | list) or value is None or \
+                    not SWEEP_VALUE_RE.match(str(value)):
+                raise SpecError(file, f"{field_name}[{i}]", f"{value!r} is not a plain value"
+                                [:200], "use numbers or words of letters, digits, '_.+-'")
+        if len({str(v) for v in values}) != len(values):
+            raise SpecError(file, field_name, "a value is listed twice")
+        axes.append((param, values))
+    combos: list[dict[str, Any]] = [{}]
+    for param, values in axes:
+        combos = [{**c, param: v} for c in combos for v in values]
+        if len(combos) > MAX_SWEEP_SCENARIOS:
+            raise SpecError(file, "sweep", f"more than {MAX_SWEEP_SCENARIOS} combinations",
+                            "sweep fewer parameters or values")
+    out = []
+    for combo in combos:
+        if not combo:
+            return [base]
+        suffix = ",".join(f"{k}={v}" for k, v in combo.items())
+        try:
+            pb = load_playbook(path, {**overrides, **combo}, topology_dir)
+        except SpecError as exc:
+            raise SpecError(exc.file, exc.field, f"{exc.problem} (with sweep {suffix})",
+                            exc.fix) from None
+        pb.name = f"{pb.name}[{suffix}]"
+        out.append(pb)
     return out
 
 
