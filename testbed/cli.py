@@ -1,8 +1,9 @@
-"""Command line: ``testbed doctor | run | list | clean``."""
+"""Command line: ``testbed doctor | run | matrix | report | diff | list | clean``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -81,10 +82,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from testbed.model.playbook import load_playbook
+    from testbed.model.playbook import expand_sweeps
 
     overrides = _parse_sets(args.set)
-    playbooks = [load_playbook(p, overrides) for p in args.playbooks]
+    playbooks = [pb for p in args.playbooks for pb in expand_sweeps(p, overrides)]
     _require_root()
     from testbed.runtime.scenario import run_playbooks
 
@@ -173,6 +174,149 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _claim_list(values: list[str], option: str) -> list[str]:
+    from testbed.model.matrix import normalize_claims
+
+    try:
+        return normalize_claims(values)
+    except ValueError as exc:
+        raise SpecError(option, "(claims)", str(exc), "ids as in DESIGN.md §2, or baseline"
+                        ) from None
+
+
+def matrix_playbooks(only: list[str], skip: list[str], repeat: int | None = None,
+                     directory: Path = PLAYBOOK_DIR, warn: Any = None) -> list[Any]:
+    """The matrix's scenarios: every playbook of ``directory`` with a claim, and the
+    baseline, sweeps expanded, filtered by claim id. A playbook that does not load stops
+    the matrix unless its claim is filtered out."""
+    import dataclasses
+
+    from testbed.model.matrix import selected
+    from testbed.model.playbook import expand_sweeps
+
+    chosen = []
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            scenarios = expand_sweeps(path)
+        except SpecError:
+            claim = _raw_claim(path)
+            if claim is not None and not selected(claim, only, skip):
+                continue
+            raise
+        for pb in scenarios:
+            if pb.claim is None and pb.name.split("[")[0] != "baseline":
+                if warn:
+                    warn(f"{path.name}: no claim, not part of the matrix")
+                continue
+            if not selected(pb.claim, only, skip):
+                continue
+            chosen.append(dataclasses.replace(pb, repeat=repeat) if repeat else pb)
+    return chosen
+
+
+def _raw_claim(path: Path) -> str | None:
+    """The claim an invalid playbook names (to honour --only/--skip), if it can be read."""
+    with contextlib.suppress(OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")[:MAX_PEEK])
+        if isinstance(data, dict):
+            if isinstance(data.get("claim"), str):
+                return str(data["claim"])
+            if data.get("name") == "baseline":
+                return None
+        return "?"
+    return "?"
+
+
+MAX_PEEK = 256 * 1024
+
+
+def _repeat_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of runs from 1 to 100")
+    return value
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from testbed.model.matrix import TRANSPORT_LABEL, TRANSPORTS
+    from testbed.report import REQUEST_FILE, load_matrix, write_reports
+
+    only = _claim_list(args.only, "--only")
+    skip = _claim_list(args.skip, "--skip")
+    progress = Progress()
+    playbooks = matrix_playbooks(only, skip, args.repeat, warn=progress)
+    if not playbooks:
+        raise SpecError("--only/--skip", "(claims)", "no playbook left to run",
+                        "'testbed list playbooks' shows each playbook's claim")
+    _require_root()
+    from testbed.runtime.scenario import run_playbooks
+
+    progress(f"matrix: {len(playbooks)} scenarios "
+             f"({', '.join(f'{p.claim or p.name}' for p in playbooks)})")
+    _result, run_dir = run_playbooks(playbooks, results_root=Path(args.out),
+                                     progress=progress)
+    (run_dir / REQUEST_FILE).write_text(json.dumps(
+        {"only": only, "skip": skip, "repeat": args.repeat,
+         "playbooks": sorted({p.file for p in playbooks})}, indent=1) + "\n")
+    progress("writing the reports")
+    files = write_reports(run_dir)
+    matrix = load_matrix(run_dir)
+    errors = any(c.verdict == "ERROR" or c.measured_verdict == "ERROR"
+                 for r in matrix.rows for c in r.cells.values())
+    if args.json:
+        print(json.dumps({"run_dir": str(run_dir), "files": {k: str(v) for k, v in
+                                                             files.items()},
+                          "matrix": matrix.to_json()}, default=str))
+        return 1 if errors else 0
+    width = max((len(r.key) for r in matrix.rows), default=8)
+    print(f"{'claim':<9} {'scenario':<{width}}  " + "  ".join(
+        f"{TRANSPORT_LABEL[t]:<13}" for t in TRANSPORTS) + "  verdict")
+    for row in matrix.rows:
+        cells = "  ".join(f"{(row.cells[t].verdict if t in row.cells else '—'):<13}"
+                          for t in TRANSPORTS)
+        print(f"{row.claim:<9} {row.key:<{width}}  {cells}  {row.verdict}"
+              + (" (flaky)" if row.flaky else ""))
+    if matrix.uncovered:
+        print(f"no playbook yet for: {', '.join(matrix.uncovered)}")
+    print(f"results: {run_dir}")
+    print(f"report:  {files['report.html']}")
+    return 1 if errors else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from testbed.report import write_reports
+
+    files = write_reports(Path(args.run_dir))
+    if args.json:
+        print(json.dumps({k: str(v) for k, v in files.items()}))
+    else:
+        for name, path in files.items():
+            print(f"{name:<12} {path}")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from testbed.model.matrix import diff_matrices
+    from testbed.report import load_matrix
+
+    a, b = load_matrix(Path(args.run_a)), load_matrix(Path(args.run_b))
+    changes = diff_matrices(a, b, bytes_tolerance=args.bytes_tolerance)
+    if args.json:
+        print(json.dumps({"a": a.run_id, "b": b.run_id, "changes": [
+            {"scenario": c.row, "claim": c.claim, "transport": c.transport, "what": c.what,
+             "before": c.before, "after": c.after} for c in changes]}, default=str))
+    elif changes:
+        print(f"{len(changes)} change(s) from {a.run_id} to {b.run_id}:")
+        for c in changes:
+            print(f"  {c.line()}")
+    else:
+        print(f"no change in verdicts or key figures from {a.run_id} to {b.run_id}")
+    return 1 if changes else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="testbed", description="Is TLS over MPTCP less secure than TLS over TCP? "
@@ -193,6 +337,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a playbook parameter (repeatable)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("matrix", help="run every claim's playbook (and the baseline) under "
+                       "both transports; write the claims matrix and its reports")
+    p.add_argument("--only", nargs="+", default=[], metavar="CLAIM",
+                   help="run only these claims (ids of DESIGN.md §2, or baseline)")
+    p.add_argument("--skip", nargs="+", default=[], metavar="CLAIM",
+                   help="leave these claims out")
+    p.add_argument("--repeat", default=None, metavar="N",
+                   type=_repeat_count, help="run each scenario N times (overrides the "
+                   "playbooks' repeat); verdicts that differ are reported as FLAKY")
+    p.add_argument("--out", default=str(DEFAULT_RESULTS),
+                   help="results root; the run writes <out>/<run-id>/ (default: results/)")
+    p.add_argument("--json", action="store_true", help="print the matrix as JSON")
+    p.set_defaults(func=cmd_matrix)
+
+    p = sub.add_parser("report", help="rebuild matrix.json, report.html, report.md and "
+                       "junit.xml of a run from its stored evidence (runs nothing)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("diff", help="claims whose verdict or key figures changed between "
+                       "two runs (exit 1 when something changed)")
+    p.add_argument("run_a", metavar="RUN_A")
+    p.add_argument("run_b", metavar="RUN_B")
+    p.add_argument("--bytes-tolerance", type=float, default=0.2, metavar="SHARE",
+                   help="report a path's share of the bytes only when it moved by more "
+                   "than this (default 0.2)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("list", help="list topologies, apps, middleboxes, attacks, playbooks")
     p.add_argument("what", nargs="?", default="all",

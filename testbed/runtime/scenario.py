@@ -90,7 +90,9 @@ def run_playbooks(playbooks: list[Playbook], *, results_root: Path,
                 for transport in pb.transports:
                     if transports and transport not in transports:
                         continue
-                    label = f"{pb.name}{f' #{rep}' if pb.repeat > 1 else ''} [{transport}]"
+                    label = (f"{pb.claim + ' ' if pb.claim else ''}{pb.name}"
+                             f"{f' #{rep}/{pb.repeat}' if pb.repeat > 1 else ''} "
+                             f"[TLS/{transport.upper()}]")
                     scenario.transports[transport] = run_transport(pb, transport, rep, ctx,
                                                                    label)
                     result.write(run_dir)
