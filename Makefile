@@ -3,7 +3,6 @@
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
 TESTBED ?= $(VENV)/bin/testbed
-PLAYBOOK ?= playbooks/baseline.yaml
 
 .PHONY: setup test unit demo lint doctor clean
 
@@ -20,8 +19,10 @@ unit:
 	@test -x $(PY) || { echo "no $(PY): run 'sudo make setup' first (or set PY=...)" >&2; exit 2; }
 	$(PY) -m pytest -q -ra tests/unit
 
+# The claims matrix: every claim's playbook under TLS/TCP and TLS/MPTCP; prints the
+# matrix and the path of results/<run-id>/report.html. MATRIX_ARGS="--only M1 M2" etc.
 demo: setup
-	$(TESTBED) run $(PLAYBOOK)
+	$(TESTBED) matrix $(MATRIX_ARGS)
 
 lint:
 	@test -x $(PY) || { echo "no $(PY): run 'sudo make setup' first (or set PY=...)" >&2; exit 2; }
