@@ -320,7 +320,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="testbed", description="Is TLS over MPTCP less secure than TLS over TCP? "
-        "Real kernel MPTCP, real TLS peers, real packets.")
+        "Real kernel MPTCP, real TLS peers, real packets.",
+        epilog="remote: testbed --host [USER@]HOST [--ssh-port N] [--known-hosts FILE] "
+        "[--identity FILE] [--remote-dir DIR] run|matrix|doctor ... runs the command in the "
+        "project checkout of a remote machine or VM and copies the results back "
+        "(testbed/remote.py)")
     parser.add_argument("--version", action="version", version=f"testbed {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -383,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     global _ORCHESTRATOR_PID
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--host" or a.startswith("--host=") for a in argv):
+        return _main_remote(argv)
     args = build_parser().parse_args(argv)
     _ORCHESTRATOR_PID = os.getpid()
     signal.signal(signal.SIGTERM, _interrupt)
@@ -398,4 +405,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"testbed: interrupted ({exc or 'SIGINT'}); everything the run created was "
               "released", file=sys.stderr)
+        return 130
+
+
+def _main_remote(argv: list[str]) -> int:
+    """``testbed --host ...``: the same command on a remote machine (testbed/remote.py)."""
+    from testbed import remote
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        if remote.split_argv(argv) is None:
+            raise remote.RemoteError("--host must come before the command, e.g. "
+                                     "testbed --host vagrant@127.0.0.1 doctor")
+        return remote.main(argv)
+    except TestbedError as exc:
+        print(f"testbed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"testbed: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(f"testbed: interrupted ({exc or 'SIGINT'}); the remote run stops and releases "
+              "what it made when its SSH session closes", file=sys.stderr)
         return 130
