@@ -19,7 +19,8 @@ COMPARE_RE = re.compile(r"^\s*(==|!=|>=|<=|>|<)\s*(-?\d+)\s*$")
 COUNTER_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{1,63}\Z")  # \Z: "$" accepts a trailing newline
 PATH_LIST_KEYS = ("paths_with_data", "sni_seen_on", "keys_seen_on")
 EXPECT_KEYS = ("status", "checksum_match", "tls_version", "subflows", "fallback",
-               *PATH_LIST_KEYS, "counters")
+               *PATH_LIST_KEYS, "counters", "counters_during_attack", "attack")
+FIELD_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}\Z")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Expectation:
 
     @property
     def label(self) -> str:
-        return f"counters.{self.node}.{self.counter}" if self.counter else self.key
+        return f"{self.key}.{self.node}.{self.counter}" if self.counter else self.key
 
     def describe(self) -> str:
         if isinstance(self.expected, tuple):
@@ -102,7 +103,26 @@ def parse_expectations(data: dict[str, Any], file: str, field: str,
                 raise SpecError(file, where, f"unknown path {unknown[0]!r}",
                                 f"paths of {topology.name}: {', '.join(sorted(paths))}")
             out.append(Expectation(key, sorted(set(value))))
-        elif key == "counters":
+        elif key == "attack":
+            if not isinstance(value, dict):
+                raise SpecError(file, where, "expected {attack kind: {field: value}}")
+            for kind, fields in value.items():
+                if not isinstance(fields, dict) or not isinstance(kind, str):
+                    raise SpecError(file, f"{where}.{kind}", "expected {field: value}")
+                for name, expected in fields.items():
+                    at = f"{where}.{kind}.{name}"
+                    if not isinstance(name, str) or not FIELD_RE.match(name):
+                        raise SpecError(file, at, "not a report field name",
+                                        "lower-case letters, digits and '_'")
+                    if isinstance(expected, bool | str) and not (
+                            isinstance(expected, str) and COMPARE_RE.match(expected)):
+                        if isinstance(expected, str) and len(expected) > 200:
+                            raise SpecError(file, at, "longer than 200 characters")
+                        parsed: Any = expected
+                    else:
+                        parsed = _compare(expected, file, at)
+                    out.append(Expectation(key, parsed, node=kind, counter=name))
+        elif key in ("counters", "counters_during_attack"):
             if not isinstance(value, dict):
                 raise SpecError(file, where, "expected {node: {Counter: comparison}}")
             for node, counters in value.items():
@@ -127,8 +147,11 @@ _OPS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, ">=": lambda a, b:
 def evaluate(expectations: list[Expectation], facts: dict[str, Any]) -> list[Check]:
     checks = []
     for exp in expectations:
-        if exp.key == "counters":
-            measured = facts.get("counters", {}).get(exp.node, {}).get(exp.counter, 0)
+        if exp.key in ("counters", "counters_during_attack"):
+            measured = facts.get(exp.key, {}).get(exp.node, {}).get(exp.counter, 0)
+        elif exp.key == "attack":
+            report = facts.get("attack", {}).get(exp.node)
+            measured = None if report is None else report.get(exp.counter)
         else:
             measured = facts.get(exp.key)
         if isinstance(exp.expected, tuple):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attacks import ATTACKS
 from testbed.errors import SpecError
 from testbed.middleboxes import MIDDLEBOXES
 from testbed.model.claims import CLAIMS
@@ -31,11 +32,12 @@ TRANSPORTS = ("tcp", "mptcp")
 APP_KINDS = ("python", "nginx-curl", "openssl")
 # Plugins register their kinds here (middlebox and attack issues); empty until they land.
 MIDDLEBOX_KINDS: dict[str, str] = {k: cls.description for k, cls in MIDDLEBOXES.items()}
-ATTACK_KINDS: dict[str, str] = {}
+ATTACK_KINDS: dict[str, str] = {k: cls.description for k, cls in ATTACKS.items()}
 # kind -> validate(params, file, field) returning the checked params (defaults filled in).
 PluginValidator = Callable[[dict[str, Any], str, str], dict[str, Any]]
 MIDDLEBOX_VALIDATORS: dict[str, PluginValidator] = {
     k: cls.validate for k, cls in MIDDLEBOXES.items()}
+ATTACK_VALIDATORS: dict[str, PluginValidator] = {k: cls.validate for k, cls in ATTACKS.items()}
 MAX_BYTES = 1 << 30  # 1 GiB per transfer
 MAX_REPEAT = 100
 MAX_TIMEOUT_S = 600
@@ -166,7 +168,26 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
                             f"slot in topology {topology.name}", "paths with a slot: "
                             f"{', '.join(sorted(topology.middlebox_slots)) or 'none'}")
     attacks = _plugins(top, "attacks", "position", ATTACK_KINDS,
-                       {"tap", "off_path", "half_on_path", "on_path"})
+                       {"tap", "off_path", "half_on_path", "on_path"}, ATTACK_VALIDATORS)
+    for i, attack in enumerate(attacks):
+        cls = ATTACKS[attack.kind]
+        where = f"attacks[{i}]"
+        if attack.where not in cls.positions:
+            raise top.error(f"{where}.position", f"{attack.kind} cannot act from "
+                            f"{attack.where!r}", f"allowed values: {', '.join(cls.positions)}")
+        if attack.where in ("tap", "on_path"):
+            path = attack.params.get("path")
+            if not isinstance(path, str) or path not in topology.middlebox_slots:
+                raise top.error(f"{where}.path", f"{path!r} is not a path with an access "
+                                "router", "allowed values: "
+                                f"{', '.join(sorted(topology.middlebox_slots))}")
+        elif "path" in attack.params:
+            raise top.error(f"{where}.path", f"position {attack.where} takes no path",
+                            "remove 'path'")
+        for t in transports:
+            if t not in cls.transports:
+                raise top.error(f"{where}.kind", f"{attack.kind} does not apply to {t}",
+                                f"list only {', '.join(cls.transports)} in 'transports'")
 
     expect_f = Fields(top.raw("expect") or {}, file, "expect", transports)
     expect = {t: parse_expectations(expect_f.mapping(t), file, f"expect.{t}", topology)

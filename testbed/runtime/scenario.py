@@ -15,19 +15,22 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from attacks import ATTACKS
 from testbed.apps import APPS
 from testbed.apps.base import AppContext
 from testbed.errors import RuntimeFailure, TestbedError
 from testbed.middleboxes import MIDDLEBOXES, Middlebox
+from testbed.model.attachments import Attachment, Tap, attach
 from testbed.model.counters import diff
 from testbed.model.expect import evaluate
 from testbed.model.facts import derive_facts
-from testbed.model.playbook import Playbook
+from testbed.model.playbook import Playbook, PluginSpec
 from testbed.model.result import (
     RunResult,
     ScenarioResult,
@@ -35,7 +38,9 @@ from testbed.model.result import (
     Verdict,
     verdict_from_checks,
 )
+from testbed.model.topology import TopologySpec
 from testbed.runtime import doctor
+from testbed.runtime.attack import Attack, AttackContext
 from testbed.runtime.evidence import Capture, MptcpMonitor, SsSampler, snapshot_counters
 from testbed.runtime.ledger import Ledger
 from testbed.runtime.network import Network
@@ -122,6 +127,8 @@ def requirements(pb: Playbook, transport: str) -> set[str]:
     needs |= APPS[pb.app.kind]().requirements(transport)
     for mb in pb.middleboxes:
         needs |= MIDDLEBOXES[mb.kind].requires
+    for attack in pb.attacks:
+        needs |= ATTACKS[attack.kind].requires
     return needs
 
 
@@ -212,6 +219,94 @@ def _middlebox_evidence(boxes: list[Middlebox], evidence_dir: Path, ctx: RunCont
         evidence[f"middlebox.{box.path}.{box.kind}"] = ctx.rel(path)
 
 
+def _place_attackers(pb: Playbook) -> tuple[TopologySpec,
+                                             list[tuple[PluginSpec, Attachment, Tap | None]]]:
+    """Extend the topology with one attacker node per attack, at its position."""
+    topology = pb.topology
+    placed = []
+    for spec in pb.attacks:
+        topology, att, tap = attach(topology, spec.where, spec.params.get("path"))
+        placed.append((spec, att, tap))
+    return topology, placed
+
+
+@contextlib.contextmanager
+def _attacks(placed: list[tuple[PluginSpec, Attachment, Tap | None]], net: Network,
+             transport: str, pb: Playbook, evidence_dir: Path, pcaps: dict[str, Path],
+             say: Progress) -> Iterator[list[Attack]]:
+    """Instantiate the attacks in their nodes; tear them all down however the block ends."""
+    attacks: list[Attack] = []
+    try:
+        server = net.node_of_role("server")
+        for spec, att, _tap in placed:
+            actx = AttackContext(net=net, node=net.nodes[att.node], attachment=att,
+                                 transport=transport, client=net.node_of_role("client"),
+                                 server=server, server_address=net.address(server.name),
+                                 port=pb.app.port, sni=pb.app.sni, app_bytes=pb.app.bytes,
+                                 evidence_dir=evidence_dir,
+                                 say=lambda m, k=spec.kind: say(f"attack {k}: {m}"),
+                                 victim_pcaps=pcaps)
+            attacks.append(ATTACKS[spec.kind](dict(spec.params), actx))
+        yield attacks
+    finally:
+        for attack in reversed(attacks):
+            with contextlib.suppress(Exception):
+                attack.teardown()
+
+
+SETTLE_TIMEOUT_S = 3.0
+
+
+def _established_subflows(net: Network, port: int) -> int:
+    client = net.node_of_role("client")
+    res = client.run(["ss", "-Htn", "state", "established", f"dport = :{port}"], timeout=5,
+                     check=False)
+    return len([line for line in res.stdout.splitlines() if line.strip()])
+
+
+def _run_with_attacks(app: Any, app_ctx: AppContext, net: Network, attacks: list[Attack],
+                      say: Progress, timings: dict[str, float]
+                      ) -> tuple[Any, dict[str, dict[str, int]] | None]:
+    """Run the victim client in a thread; once its subflows settled, let the attacks act.
+
+    Returns the outcome and the counters at the moment the attacks started (the baseline
+    of ``counters_during_attack``: the victim's own handshakes are not in it).
+    """
+    client = net.node_of_role("client")
+    want = 1 + len(net.plan.endpoints) if app_ctx.transport == "mptcp" else 1
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(app.run_client, client, app_ctx)
+        t0 = time.monotonic()
+        seen = 0
+        while time.monotonic() - t0 < SETTLE_TIMEOUT_S and not future.done():
+            seen = _established_subflows(net, app_ctx.port)
+            if seen >= want:
+                break
+            time.sleep(0.02)
+        timings["settle_s"] = round(time.monotonic() - t0, 3)
+        say(f"victim settled with {seen} subflow(s) in {timings['settle_s']}s; attacking")
+        mid = {name: snapshot_counters(node) for name, node in net.nodes.items()}
+        if future.done():
+            say("the victim finished before the attack could start: make the transfer longer")
+        for attack in attacks:
+            attack.act()
+        return future.result(), mid
+
+
+def _finish_attacks(attacks: list[Attack], evidence_dir: Path, ctx: RunContext,
+                    evidence: dict[str, str]) -> dict[str, Any]:
+    reports: dict[str, Any] = {}
+    for i, attack in enumerate(attacks):
+        key = attack.kind if attack.kind not in reports else f"{attack.kind}[{i}]"
+        reports[key] = attack.finish()
+        path = evidence_dir / f"attack-{attack.ctx.attachment.node}.json"
+        path.write_text(json.dumps(reports[key], indent=1, default=str))
+        evidence[f"attack.{key}"] = ctx.rel(path)
+        for extra in sorted(evidence_dir.glob(f"attack-{attack.ctx.attachment.node}-*")):
+            evidence[f"attack.{key}.{extra.name}"] = ctx.rel(extra)
+    return reports
+
+
 @contextlib.contextmanager
 def _recording(net: Network, evidence_dir: Path, ctx: RunContext,
                evidence: dict[str, str]) -> Iterator[dict[str, Path]]:
@@ -252,7 +347,9 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
     timings: dict[str, float] = {}
     sysctls = {"*": dict(pb.sysctls)} if pb.sysctls else None
     say("building network")
-    with Network.up(pb.topology, ctx.ledger, sysctls=sysctls) as net, \
+    topology, placed = _place_attackers(pb)
+    taps = [tap for _spec, _att, tap in placed if tap is not None]
+    with Network.up(topology, ctx.ledger, sysctls=sysctls, taps=taps) as net, \
             _middleboxes(pb, net, say) as boxes:
         timings["build_s"] = round(net.build_s, 3)
         client = net.node_of_role("client")
@@ -262,8 +359,11 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
                              server_address=server_addr, port=pb.app.port, sni=pb.app.sni,
                              payload=payload, payload_sha256=payload_sha,
                              timeout_s=pb.app.timeout_s)
-        with _recording(net, evidence_dir, ctx, evidence) as pcaps:
+        with _recording(net, evidence_dir, ctx, evidence) as pcaps, \
+                _attacks(placed, net, transport, pb, evidence_dir, pcaps, say) as attacks:
             before = {name: snapshot_counters(node) for name, node in net.nodes.items()}
+            for attack in attacks:
+                attack.prepare()
             say(f"starting {pb.app.kind} server")
             handle = app.start_server(server, app_ctx)
             try:
@@ -273,13 +373,18 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
                 for box in boxes:
                     box.on_transfer_start()
                 try:
-                    outcome = app.run_client(client, app_ctx)
+                    if attacks:
+                        outcome, mid = _run_with_attacks(app, app_ctx, net, attacks, say,
+                                                         timings)
+                    else:
+                        outcome, mid = app.run_client(client, app_ctx), None
                 finally:
                     samples = sampler.stop()
                 timings["client_s"] = round(time.monotonic() - t1, 3)
             finally:
                 app.stop_server(server, handle)
             after = {name: snapshot_counters(node) for name, node in net.nodes.items()}
+            reports = _finish_attacks(attacks, evidence_dir, ctx, evidence)
         _middlebox_evidence(boxes, evidence_dir, ctx, evidence)
         counters = {name: diff(before[name], after[name]) for name in net.nodes}
         ss_path = evidence_dir / "ss-client.json"
@@ -304,6 +409,11 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
 
     facts = derive_facts(transport=transport, outcome=outcome_json, counters=counters,
                          observers=observers, server=server.name, app_bytes=pb.app.bytes)
+    if placed:
+        facts["attack"] = reports
+        if mid is not None:
+            facts["counters_during_attack"] = {name: diff(mid[name], after[name])
+                                               for name in mid}
     checks = evaluate(pb.expect.get(transport, []), facts)
     verdict, reason = verdict_from_checks(checks)
     return TransportResult(transport, verdict, reason, checks, facts, outcome_json, evidence,
