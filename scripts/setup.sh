@@ -13,7 +13,8 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 STAMP="$VENV/.setup-stamp"
 PACKAGES=(mininet tcpdump tshark nginx-light openssl curl mptcpize iptables nftables
-          iproute2 socat ethtool net-tools procps openssh-server)
+          iproute2 socat ethtool net-tools procps openssh-server
+          chromium)  # chromium: the matrix test opens report.html in a headless browser
 # Tools for the VM path, only on a machine that is not itself the testbed VM (the VM image
 # and the Vagrant provisioning write /etc/mptcp-testbed-vm): qemu and debootstrap for
 # `make vm-test`, vagrant and vagrant-libvirt for `vagrant validate` in the
