@@ -1,0 +1,94 @@
+"""Helpers shared by the active attack kinds: worker processes in a node, the attacker's
+own RST drop rule, and reading a line from a worker with a bound."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attacks
+from testbed.errors import RuntimeFailure, StepTimeout
+from testbed.runtime.node import Node
+
+REPO_ROOT = Path(attacks.__file__).resolve().parents[1]
+# The attacker's own kernel answers segments it did not expect with RST (DESIGN.md §6).
+RST_DROP = ["OUTPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "DROP"]
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH"))
+                                        if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_worker(node: Node, module: str, config: dict[str, Any], label: str,
+                 stderr: Path) -> subprocess.Popen[str]:
+    """``python -m <module> '<json>'`` in ``node`` with stdin/stdout as text pipes."""
+    with stderr.open("ab") as err:
+        return node.popen([sys.executable, "-m", module, json.dumps(config)], label=label,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                          cwd=REPO_ROOT, env=worker_env(), text=True)
+
+
+def read_line(proc: subprocess.Popen[str], timeout_s: float, what: str) -> str:
+    """The worker's next stdout line, within ``timeout_s``."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StepTimeout(f"{what}: no answer within {timeout_s}s")
+        ready, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
+        if ready:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeFailure(f"{what}: the worker exited ({proc.poll()})")
+            return line.strip()
+
+
+def iptables(node: Node, action: str, rule: list[str], *, check: bool = True) -> bool:
+    res = node.run(["iptables", "-w", "5", action, *rule], timeout=10, check=check)
+    return res.returncode == 0
+
+
+@contextlib.contextmanager
+def suppress_all() -> Any:
+    with contextlib.suppress(Exception):
+        yield
+
+
+def received_check(evidence_dir: Path, app_bytes: int, marker: bytes | None = None
+                   ) -> dict[str, Any]:
+    """What the victim application wrote to disk (``<app>-received.bin``, written by the
+    python and nginx-curl clients): is it an untouched prefix of the payload, and does it
+    hold the attack's marker bytes? ``None`` values where no such file exists."""
+    from attacks._wire import is_payload_prefix
+
+    files = sorted(evidence_dir.glob("*-received.bin"))
+    if not files:
+        return {"received_file": None, "received_is_payload_prefix": None,
+                "marker_in_received": None}
+    path = files[0]
+    out: dict[str, Any] = {"received_file": path.name,
+                           "received_is_payload_prefix": is_payload_prefix(path, app_bytes)}
+    if marker:
+        data = path.read_bytes()
+        out["marker_in_received"] = marker in data
+    return out
+
+
+def counter_delta(before: dict[str, int], after: dict[str, int],
+                  prefixes: tuple[str, ...] = ("TcpExt", "MPTcpExt")) -> dict[str, int]:
+    """Non-zero deltas of the counters whose names start with ``prefixes``."""
+    keys = set(before) | set(after)
+    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(keys)
+            if k.startswith(prefixes) and after.get(k, 0) != before.get(k, 0)}
