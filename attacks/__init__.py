@@ -9,9 +9,13 @@ with a subclass of ``testbed.runtime.attack.Attack``, list it below, and add a p
 
 from __future__ import annotations
 
+from attacks.decrypt_later import DecryptLater
 from attacks.passive import Passive
+from attacks.tcp_inject import TcpInject
+from attacks.tls_tamper import TlsTamper
 from testbed.runtime.attack import Attack
 
-ATTACKS: dict[str, type[Attack]] = {cls.kind: cls for cls in (Passive,)}
+ATTACKS: dict[str, type[Attack]] = {cls.kind: cls for cls in (
+    Passive, DecryptLater, TcpInject, TlsTamper)}
 
 __all__ = ["ATTACKS", "Attack"]
