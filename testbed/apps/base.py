@@ -37,6 +37,10 @@ class AppContext:
     payload: Path          # the file the server sends to the client
     payload_sha256: str
     timeout_s: float       # bound for the whole client run
+    # Claim S1 (python client only): split the ClientHello across two subflows.
+    split_client_hello: bool = False
+    split_at: int | str = "sni_middle"  # byte offset in the ClientHello, or sni_middle
+    split_steer: str = "mp_prio"        # "none": split the writes only (a control)
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:

@@ -31,6 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from testbed.apps.split_hello import (
+    SNI_MIDDLE,
+    BioTls,
+    SplitError,
+    parse_split_at,
+    split_handshake,
+)
+
 IPPROTO_MPTCP = 262
 SOL_MPTCP = 284
 MPTCP_INFO = 1
@@ -314,7 +322,7 @@ def run_client(args: argparse.Namespace) -> dict[str, Any]:
         result["error"] = f"cannot open a {args.transport} socket: {exc}"
         return result
     phase = "connect"
-    tls: ssl.SSLSocket | None = None
+    tls: ssl.SSLSocket | BioTls | None = None
     digest = hashlib.sha256()
     received = 0
     try:
@@ -338,10 +346,20 @@ def run_client(args: argparse.Namespace) -> dict[str, Any]:
         ctx.load_verify_locations(cafile=args.ca)
         if args.keylog:
             ctx.keylog_filename = args.keylog
-        tls = ctx.wrap_socket(sock, server_hostname=args.sni, do_handshake_on_connect=False,
-                              suppress_ragged_eofs=False)
-        clock.arm(tls)
-        tls.do_handshake()
+        if args.split_client_hello:  # claim S1: see testbed/apps/split_hello.py
+            split: dict[str, Any] = {}
+            extra["split"] = split
+            try:
+                tls = split_handshake(sock, ctx, args.sni, parse_split_at(args.split_at),
+                                      clock.left, split, steer=args.split_steer == "mp_prio")
+            except SplitError as exc:
+                result.update(status="error", error=f"split ClientHello: {exc}")
+                return result
+        else:
+            tls = ctx.wrap_socket(sock, server_hostname=args.sni,
+                                  do_handshake_on_connect=False, suppress_ragged_eofs=False)
+            clock.arm(tls)
+            tls.do_handshake()
         result["handshake_s"] = round(clock.elapsed(), 6)
         result["tls_version"] = tls.version()
         cipher = tls.cipher()
@@ -424,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--out")
     cli.add_argument("--keylog")
     cli.add_argument("--timeout", type=float, required=True)
+    cli.add_argument("--split-client-hello", action="store_true",
+                     help="claim S1: send the ClientHello's rest on the second subflow")
+    cli.add_argument("--split-at", default=SNI_MIDDLE,
+                     help=f"byte offset in the ClientHello, or {SNI_MIDDLE!r}")
+    cli.add_argument("--split-steer", choices=("mp_prio", "none"), default="mp_prio",
+                     help="none: split the writes only (a control)")
     args = parser.parse_args(argv)
     if args.role == "server":
         return run_server(args)

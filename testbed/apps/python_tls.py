@@ -70,6 +70,9 @@ class PythonTls(App):
                 "--ca", str(ctx.pki.ca_cert), "--out", str(received),
                 "--keylog", str(self.file(ctx, "client-keylog.txt")),
                 "--timeout", str(ctx.timeout_s)]
+        if ctx.split_client_hello:
+            argv += ["--split-client-hello", "--split-at", str(ctx.split_at),
+                     "--split-steer", ctx.split_steer]
         code, elapsed = run_bounded(node, argv, label=f"{self.kind} client",
                                     timeout_s=ctx.timeout_s + KILL_GRACE_S, stdout=stdout,
                                     stderr=stderr, env=_env(), cwd=REPO_ROOT)
