@@ -9,13 +9,19 @@ with a subclass of ``testbed.runtime.attack.Attack``, list it below, and add a p
 
 from __future__ import annotations
 
+from attacks.add_addr_forged import AddAddrForged
 from attacks.decrypt_later import DecryptLater
+from attacks.join_guessed_token import JoinGuessedToken
+from attacks.join_half_on_path import JoinHalfOnPath
+from attacks.join_stolen_token import JoinStolenToken
+from attacks.join_with_keys import JoinWithKeys
 from attacks.passive import Passive
 from attacks.tcp_inject import TcpInject
 from attacks.tls_tamper import TlsTamper
 from testbed.runtime.attack import Attack
 
 ATTACKS: dict[str, type[Attack]] = {cls.kind: cls for cls in (
-    Passive, DecryptLater, TcpInject, TlsTamper)}
+    Passive, DecryptLater, TcpInject, TlsTamper,
+    JoinGuessedToken, JoinStolenToken, JoinHalfOnPath, JoinWithKeys, AddAddrForged)}
 
 __all__ = ["ATTACKS", "Attack"]

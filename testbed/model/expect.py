@@ -19,7 +19,10 @@ COMPARE_RE = re.compile(r"^\s*(==|!=|>=|<=|>|<)\s*(-?\d+)\s*$")
 COUNTER_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{1,63}\Z")  # \Z: "$" accepts a trailing newline
 PATH_LIST_KEYS = ("paths_with_data", "sni_seen_on", "keys_seen_on")
 EXPECT_KEYS = ("status", "checksum_match", "tls_version", "subflows", "fallback",
-               *PATH_LIST_KEYS, "counters", "counters_during_attack", "attack")
+               *PATH_LIST_KEYS, "counters", "counters_during_attack", "attack", "qualified")
+# ``qualified: <condition>``: when every other expectation holds, the verdict is QUALIFIED
+# (the claim is true only under the condition stated) instead of CONFIRMED.
+QUALIFIED_LABEL = "qualified"
 FIELD_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}\Z")
 
 
@@ -78,7 +81,12 @@ def parse_expectations(data: dict[str, Any], file: str, field: str,
         if key not in EXPECT_KEYS:
             raise SpecError(file, where, "unknown expectation",
                             f"allowed: {', '.join(EXPECT_KEYS)}")
-        if key == "status":
+        if key == QUALIFIED_LABEL:
+            if not isinstance(value, str) or not value.strip() or len(value) > 500:
+                raise SpecError(file, where, "expected the condition under which the claim "
+                                "holds, as text of at most 500 characters")
+            out.append(Expectation(key, " ".join(value.split())))
+        elif key == "status":
             if value not in STATUSES:
                 raise SpecError(file, where, f"{value!r} is not an outcome status",
                                 f"allowed values: {', '.join(STATUSES)}")
@@ -147,6 +155,10 @@ _OPS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, ">=": lambda a, b:
 def evaluate(expectations: list[Expectation], facts: dict[str, Any]) -> list[Check]:
     checks = []
     for exp in expectations:
+        if exp.key == QUALIFIED_LABEL:
+            # Not a measurement: the condition the verdict will carry (see result.py).
+            checks.append(Check(QUALIFIED_LABEL, exp.expected, None, True))
+            continue
         if exp.key in ("counters", "counters_during_attack"):
             measured = facts.get(exp.key, {}).get(exp.node, {}).get(exp.counter, 0)
         elif exp.key == "attack":

