@@ -204,6 +204,8 @@ def matrix_playbooks(only: list[str], skip: list[str], repeat: int | None = None
                 continue
             raise
         for pb in scenarios:
+            if path.is_relative_to(REPO):  # reports name playbooks/x.yaml, not /home/...
+                pb = dataclasses.replace(pb, file=str(path.relative_to(REPO)))
             if pb.claim is None and pb.name.split("[")[0] != "baseline":
                 if warn:
                     warn(f"{path.name}: no claim, not part of the matrix")

@@ -56,7 +56,7 @@ font-size:.82em;white-space:nowrap;color:#fff;background:#6c757d}
 .plots figure{margin:0}.plots svg{max-width:100%;height:auto}
 .note{background:#fff4e6;border-left:4px solid #e67700;padding:.5em .8em}
 .small{font-size:.85em;color:#495057}td.num{text-align:right}
-#matrix td:first-child{white-space:nowrap}
+#matrix td:first-child{white-space:nowrap}#matrix td.cell{width:27%}
 """
 
 

@@ -196,10 +196,15 @@ def join_outcomes(rows: list[tuple[str, dict[str, int]]], title: str) -> str | N
         ys = [i + (j - (n - 1) / 2) * height for i in range(len(rows))]
         ax.barh(ys, [c.get(key, 0) for _, c in rows], height * 0.95, label=label,
                 color=palette[j])
+        for y, (_, c) in zip(ys, rows, strict=True):
+            if c.get(key):
+                ax.text(c[key], y, f" {c[key]}", va="center", fontsize=6)
     ax.set_yticks(range(len(rows)), [label for label, _ in rows])
     ax.invert_yaxis()
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("count (server, counter delta)")
+    # Symmetric log: one accepted join and 200 guessed tokens on the same axis.
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(0, max(max(c.get(k, 0) for k, _ in JOIN_COUNTERS) for _, c in rows) * 2)
+    ax.set_xlabel("count (server, counter delta; log scale above 1)")
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title, fontsize=9)
     return to_svg(fig, title)
