@@ -17,6 +17,7 @@ import contextlib
 import re
 import shlex
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -128,7 +129,8 @@ class Middlebox:
         self.applied = ""
         self._tables: set[str] = set()
         self._lock = threading.Lock()
-        self._timers: list[threading.Timer] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
         self._stopped = False
         self.events: list[str] = []  # what happened at run time (timers), for the evidence
 
@@ -186,21 +188,45 @@ class Middlebox:
     def on_transfer_start(self) -> None:
         """Called just before the client starts; time-based middleboxes arm here."""
 
-    def later(self, delay_s: float, what: str, action: Callable[[], None]) -> None:
-        """Run ``action`` in ``delay_s`` seconds unless the middlebox is torn down first."""
-        def fire() -> None:
+    def later(self, delay_s: float, what: str, action: Callable[[], None], *,
+              after: Callable[[], bool] | None = None, poll_s: float = 0.05) -> None:
+        """Run ``action`` ``delay_s`` seconds from now, or from when ``after()`` first
+        returns true (polled every ``poll_s``), unless the middlebox is torn down first."""
+        t0 = time.monotonic()
+
+        def body() -> None:
+            start = t0
+            if after is not None:
+                while True:
+                    if self._stop.wait(poll_s):
+                        return
+                    with contextlib.suppress(TestbedError):
+                        if after():
+                            break
+                start = time.monotonic()
+                self.events.append(f"+{start - t0:.3f}s: trigger seen")
+            if self._stop.wait(max(0.0, delay_s - (time.monotonic() - start))):
+                return
             with self._lock:
                 if self._stopped:
                     return
                 try:
                     action()
-                    self.events.append(f"{what}: done")
+                    self.events.append(f"+{time.monotonic() - t0:.3f}s: {what}: done")
                 except TestbedError as exc:
-                    self.events.append(f"{what}: FAILED: {exc}")
-        timer = threading.Timer(delay_s, fire)
-        timer.daemon = True
-        self._timers.append(timer)
-        timer.start()
+                    self.events.append(f"+{time.monotonic() - t0:.3f}s: {what}: FAILED: {exc}")
+
+        thread = threading.Thread(target=body, name=f"middlebox-{self.kind}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def rule_packets(self, table: str, chain: str) -> int:
+        """Packets counted so far by this middlebox's marked rules in ``chain``."""
+        assert self.node is not None
+        out = self.node.run(["iptables", "-w", "5", "-t", table, "-L", chain, "-v", "-n",
+                             "-x"]).stdout
+        return sum(int(ln.split()[0]) for ln in out.splitlines()
+                   if f"/* {self.marker} */" in ln and ln.split()[0].isdigit())
 
     # -- evidence --------------------------------------------------------------------------
     def report(self) -> str:
@@ -226,12 +252,11 @@ class Middlebox:
     def teardown(self) -> None:
         """Cancel timers, remove every rule this middlebox added. Safe to call twice, and
         after a failed or partial setup."""
+        self._stop.set()
         with self._lock:
             self._stopped = True
-        for timer in self._timers:
-            timer.cancel()
-        for timer in self._timers:
-            timer.join(timeout=15)
+        for thread in self._threads:
+            thread.join(timeout=15)
         node = self.node
         if node is None or not self.marker:
             return

@@ -144,9 +144,13 @@ def test_drop_template_is_nft_with_own_table() -> None:
     assert b.render_rules(ctx(b)).count("tcp option mptcp exists") == 2
 
 
-def test_blackhole_installs_nothing_at_setup() -> None:
+def test_blackhole_counts_data_at_setup_and_drops_later() -> None:
     b = box(Blackhole)
-    assert b.render_rules(ctx(b)).strip() == ""
+    text = b.render_rules(ctx(b, data_min_len=121))
+    # At setup only a counting rule without target: it tells when the data starts.
+    assert ("-A FORWARD -m comment --comment tbabcdef-mb-wifi-blackhole -p tcp -m length "
+            "--length 121:65535\n") in text
+    assert "-j" not in text
     text = b.render_rules(ctx(b), Blackhole.drop_template)
     assert "-I FORWARD 1 -m comment --comment tbabcdef-mb-wifi-blackhole -j DROP" in text
 
