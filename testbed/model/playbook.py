@@ -45,6 +45,9 @@ MAX_FILE_BYTES = 256 * 1024
 # \Z, not $: "$" also matches before a trailing newline.
 SNI_RE = re.compile(r"^(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}\Z")
 REQUIREMENT_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
+SPLIT_SNI_MIDDLE = "sni_middle"
+SPLIT_STEERS = ("mp_prio", "none")
+MAX_SPLIT_AT = 16384
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class AppSpec:
     sni: str
     port: int = 443
     timeout_s: float = 30.0
+    # Claim S1 (python client, MPTCP only): testbed/apps/split_hello.py
+    split_client_hello: bool = False
+    split_at: int | str = SPLIT_SNI_MIDDLE
+    split_steer: str = "mp_prio"
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,8 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
         raise top.error("transports", "a transport is listed twice")
     transports = tuple(transports_raw)
 
-    app_f = Fields(top.raw("app"), file, "app", ("kind", "bytes", "sni", "port", "timeout_s"))
+    app_f = Fields(top.raw("app"), file, "app", ("kind", "bytes", "sni", "port", "timeout_s",
+                                                 *APP_SPLIT_KEYS))
     sni = app_f.str("sni", default="www.example.test", max_len=253)
     if not SNI_RE.match(sni):
         raise app_f.error("sni", f"{sni!r} is not a DNS name", "e.g. www.example.test")
@@ -158,6 +166,7 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
         sni=sni,
         port=app_f.integer("port", default=443, lo=1, hi=65535),
         timeout_s=app_f.number("timeout_s", default=30.0, lo=1, hi=MAX_TIMEOUT_S),
+        **_split_options(app_f, transports),
     )
 
     middleboxes = _plugins(top, "middleboxes", "path", MIDDLEBOX_KINDS, set(topology.paths),
@@ -216,6 +225,29 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
         sysctls=sysctls, repeat=top.integer("repeat", default=1, lo=1, hi=MAX_REPEAT),
         params=context,
     )
+
+
+APP_SPLIT_KEYS = ("split_client_hello", "split_at", "split_steer")
+
+
+def _split_options(app_f: Fields, transports: tuple[str, ...]) -> dict[str, Any]:
+    """The split-ClientHello options of ``app`` (claim S1), checked."""
+    split = app_f.boolean("split_client_hello", False)
+    at = app_f.raw("split_at", SPLIT_SNI_MIDDLE)
+    if at != SPLIT_SNI_MIDDLE and (isinstance(at, bool) or not isinstance(at, int)
+                                   or not 1 <= at <= MAX_SPLIT_AT):
+        raise app_f.error("split_at", f"{at!r} is neither {SPLIT_SNI_MIDDLE!r} nor a byte "
+                          f"offset"[:200], f"use {SPLIT_SNI_MIDDLE} or 1..{MAX_SPLIT_AT}")
+    steer = app_f.str("split_steer", default="mp_prio", choices=SPLIT_STEERS)
+    if split:
+        kind = app_f.raw("kind")
+        if kind != "python":
+            raise app_f.error("split_client_hello", f"the {kind!r} client cannot split its "
+                              "ClientHello"[:200], "use kind: python")
+        if "tcp" in transports:
+            raise app_f.error("split_client_hello", "needs a second subflow, so MPTCP",
+                              "list only mptcp in 'transports'")
+    return {"split_client_hello": split, "split_at": at, "split_steer": steer}
 
 
 def _load_topology(name: str, params: dict[str, Any], directory: Path,

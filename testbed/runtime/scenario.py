@@ -358,7 +358,9 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
         app_ctx = AppContext(workdir=evidence_dir, pki=ctx.pki, transport=transport,
                              server_address=server_addr, port=pb.app.port, sni=pb.app.sni,
                              payload=payload, payload_sha256=payload_sha,
-                             timeout_s=pb.app.timeout_s)
+                             timeout_s=pb.app.timeout_s,
+                             split_client_hello=pb.app.split_client_hello,
+                             split_at=pb.app.split_at, split_steer=pb.app.split_steer)
         with _recording(net, evidence_dir, ctx, evidence) as pcaps, \
                 _attacks(placed, net, transport, pb, evidence_dir, pcaps, say) as attacks:
             before = {name: snapshot_counters(node) for name, node in net.nodes.items()}
