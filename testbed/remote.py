@@ -24,6 +24,7 @@ import contextlib
 import getpass
 import io
 import json
+import logging
 import os
 import posixpath
 import shlex
@@ -40,6 +41,11 @@ from types import TracebackType
 import paramiko
 
 from testbed.errors import TestbedError
+
+# paramiko's transport thread logs failures with tracebacks; without a handler Python would
+# print them on stderr. The driver reports every failure itself, in one line.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 REMOTE_COMMANDS = ("run", "matrix", "doctor")
 DEFAULT_REMOTE_DIR = "/vagrant"
@@ -194,7 +200,7 @@ class RemoteSession:
                     f"host key of {t.known_hosts_name} is unknown: {kh} has no entry for "
                     "it (record the machine's host key there; it is never accepted on "
                     "first use)") from None
-            if "banner" in msg.lower() or "reset" in msg.lower() or "EOF" in msg:
+            if any(k in msg for k in ("banner", "reset", "EOF", "No existing session")):
                 raise NotYetReachable(f"no SSH banner from {t.host}:{t.port} within "
                                       f"{o.banner_timeout:.0f} s ({msg})") from None
             raise RemoteError(f"SSH to {t.host}:{t.port} failed: {msg}") from None
