@@ -50,7 +50,8 @@ class JoinGuessedToken(ActiveMptcpAttack):
             reply["expected_time_to_hit_s"] = round(guesses / rate, 1)
             reply["expected_time_to_hit_h"] = round(guesses / rate / 3600, 2)
         reply["all_reset"] = reply.get("resets") == attempts and not reply.get("synacks")
-        reply["source"] = f"own address {self.ctx.address} (a spoofer would not see the answer)"
+        reply["attacker_address"] = self.ctx.address
+        reply["source"] = "the attacker's own address (a spoofer would not see the answers)"
         self.result = reply
 
     def finish(self) -> dict[str, Any]:

@@ -23,15 +23,17 @@ Commands (``op``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import secrets
+import select
 import socket
 import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from testbed.model import mptcp
@@ -42,7 +44,7 @@ ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 # A TSval ahead of the server's clock: PAWS only drops OLDER values, and a segment ahead
 # of rcv_nxt never becomes the connection's ts_recent.
-TSVAL_AHEAD = 100
+TSVAL_AHEAD = 5000
 
 
 class Wire:
@@ -306,63 +308,51 @@ def op_add_addr(w: Wire, cmd: dict[str, Any]) -> dict[str, Any]:
     addr_id = int(cmd.get("addr_id", 42))
     valid = bool(cmd["valid"])
     out: dict[str, Any] = {"hmac_valid": valid, "addr_id": addr_id, "announced": w.address}
-    # ARP for the next hop first: the frame must leave right after the state is read.
-    w.next_hop_mac(client)
-    w.listen(src=server, sport=port, dst=client, dport=cport,
-             also=lambda sa, d, sp, dp: (d == w.address and dp == port)
-             or (sa == client and sp == cport and d == server and dp == port))
-    try:
-        # The freshest state of the victim's subflow, seen on the tap: the server's latest
-        # segment (sequence, ack, window, timestamps: PAWS drops a segment whose TSval is
-        # older than the last one the client took) and the client's latest ACK and window
-        # (the right edge of what it accepts).
-        server_seg: Segment | None = None
-        client_seg: Segment | None = None
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and (server_seg is None or client_seg is None):
-            seg = w.wait(lambda _s: True, deadline - time.monotonic())
-            if seg is None:
-                break
-            if seg.src == server and seg.tsval is not None:
-                server_seg = seg
-            elif seg.src == client:
-                client_seg = seg
-        while True:  # drain what is queued: keep only the newest of each side
-            try:
-                seg = w.inbox.get_nowait()
-            except queue.Empty:
-                break
-            if seg.src == server and seg.tsval is not None:
-                server_seg = seg
-            elif seg.src == client:
-                client_seg = seg
-        if server_seg is None:
+    # ARP and the frame's bytes first: the frame must leave right after the state is read.
+    mac = mptcp.add_addr_hmac(server_key, client_key, addr_id, w.address)
+    if not valid:
+        mac ^= 1  # one bit off: a forger without the keys does far worse
+    opt = mptcp.AddAddr(addr_id, w.address, hmac=mac)
+    template = w.frame(server, client, port, cport, "A", 0, 0,
+                       [("NOP", None), ("NOP", None), ("Timestamp", (0, 0)),
+                        mptcp.scapy_option(opt)])
+    # The freshest state of the victim's subflow, seen on the tap: the server's latest
+    # segment (ack, window, timestamps: PAWS drops a segment whose TSval is older than the
+    # last one the client took) and the client's latest ACK and window (the right edge of
+    # what it accepts). Read from the socket by this thread, right before sending: a
+    # listener thread lagged by hundreds of ms on a loaded machine.
+    state = _SubflowState(server, port, client, cport)
+    with _raw_socket(w.iface) as rx:
+        state.drain(rx, until=lambda: state.server is not None and state.client is not None,
+                    timeout=2.0)
+        if state.server is None:
             out["error"] = "no segment of the victim's subflow seen on the tap within 2 s"
             return out
-        latest = server_seg
-        wscale = cmd.get("client_wscale")
-        if client_seg is not None and wscale is not None:
-            # Just inside the client's receive window: ahead of everything still queued
-            # toward it, never beyond what it accepts.
-            seq = client_seg.ack + (client_seg.window << int(wscale)) - 1
-            out["seq_choice"] = "right edge of the client's window - 1"
-        else:
-            seq = latest.seq + latest.payload_len + int(cmd.get("seq_margin", 16 * 1448))
-            out["seq_choice"] = "server's latest sequence + margin"
-        mac = mptcp.add_addr_hmac(server_key, client_key, addr_id, w.address)
-        if not valid:
-            mac ^= 1  # one bit off: a forger without the keys does far worse
-        opt = mptcp.AddAddr(addr_id, w.address, hmac=mac)
+        state.drain(rx)  # whatever arrived meanwhile
+        latest, client_seg = state.server, state.client
         assert latest.tsval is not None and latest.tsecr is not None
-        frame = w.frame(server, client, port, cport, "A", seq, latest.ack,
-                        [("NOP", None), ("NOP", None),
-                         ("Timestamp", ((latest.tsval + TSVAL_AHEAD) & 0xFFFFFFFF,
-                                        latest.tsecr)),
-                         mptcp.scapy_option(opt)], window=latest.window)
+        seqs = []
+        wscale = cmd.get("client_wscale")
+        server_end = latest.seq + latest.payload_len
+        if client_seg is not None and wscale is not None:
+            # Inside the client's receive window, ahead of everything still queued toward
+            # it: its right edge - 1, and halfway between the server's latest byte and it.
+            right = client_seg.ack + (client_seg.window << int(wscale))
+            span = (right - server_end) & 0xFFFFFFFF
+            seqs = [right - 1, server_end + span // 2] if span < 1 << 30 else [right - 1]
+            out["seq_choice"] = "right edge of the client's window - 1, and halfway to it"
+        else:
+            seqs = [server_end + int(cmd.get("seq_margin", 16 * 1448))]
+            out["seq_choice"] = "server's latest sequence + margin"
+        tsval = (latest.tsval + TSVAL_AHEAD) & 0xFFFFFFFF
+        frames = [_patch_tcp(template, seq=sq, ack=latest.ack, window=latest.window,
+                             tsval=tsval, tsecr=latest.tsecr) for sq in seqs]
+        w.listen(dst=w.address, dport=port)
         t0, t0_wall = time.monotonic(), time.time()
-        w.send([frame])
-        out.update(forged_seq=seq & 0xFFFFFFFF, copied_tsval=latest.tsval,
-                   tsval_ahead_ms=TSVAL_AHEAD)
+        w.send(frames)
+    out.update(forged_seqs=[sq & 0xFFFFFFFF for sq in seqs], copied_tsval=latest.tsval,
+               tsval_ahead_ms=TSVAL_AHEAD, forged_copies=len(frames))
+    try:
         joins: list[Segment] = []
         deadline = t0 + float(cmd.get("listen_s", 1.5))
         while (left := deadline - time.monotonic()) > 0:
@@ -386,6 +376,78 @@ def op_add_addr(w: Wire, cmd: dict[str, Any]) -> dict[str, Any]:
         return out
     finally:
         w.stop_listening()
+
+
+class _SubflowState:
+    def __init__(self, server: str, port: int, client: str, cport: int) -> None:
+        self.s2c = (socket.inet_aton(server), socket.inet_aton(client), port, cport)
+        self.c2s = (socket.inet_aton(client), socket.inet_aton(server), cport, port)
+        self.server: Segment | None = None
+        self.client: Segment | None = None
+
+    def take(self, raw: bytes) -> None:
+        if len(raw) < 54 or raw[12:14] != b"\x08\x00" or raw[23] != 6:
+            return
+        ihl = (raw[14] & 0xF) * 4
+        key = (raw[26:30], raw[30:34], *struct.unpack("!HH", raw[14 + ihl:18 + ihl]))
+        if key not in (self.s2c, self.c2s):
+            return
+        seg = segment_from_frame(raw, time.time())
+        if seg is None:
+            return
+        if key == self.s2c and seg.tsval is not None:
+            self.server = seg
+        elif key == self.c2s:
+            self.client = seg
+
+    def drain(self, rx: socket.socket, until: Callable[[], bool] | None = None,
+              timeout: float = 0.0) -> None:
+        """Take every frame waiting in ``rx``; with ``until``, keep waiting (bounded by
+        ``timeout``) until it holds, then take what is still waiting."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                raw, addr = rx.recvfrom(65535)
+            except BlockingIOError:
+                if until is None or until() or time.monotonic() >= deadline:
+                    return
+                select.select([rx], [], [], max(0.0, min(0.05, deadline - time.monotonic())))
+                continue
+            if addr[2] != PACKET_OUTGOING:
+                self.take(raw)
+
+
+@contextlib.contextmanager
+def _raw_socket(iface: str) -> Iterator[socket.socket]:
+    rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    try:
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+        rx.bind((iface, 0))
+        rx.setblocking(False)
+        yield rx
+    finally:
+        rx.close()
+
+
+def _patch_tcp(frame: bytes, *, seq: int, ack: int, window: int, tsval: int,
+               tsecr: int) -> bytes:
+    """Set sequence, ack, window and timestamps (NOP NOP TS first in the options) of a
+    prebuilt Ethernet/IPv4 (no IP options)/TCP frame and recompute the TCP checksum."""
+    buf = bytearray(frame)
+    tcp = 14 + 20
+    struct.pack_into("!II", buf, tcp + 4, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF)
+    struct.pack_into("!H", buf, tcp + 14, window)
+    assert buf[tcp + 22] == 8, "the template starts its options with NOP NOP TS"
+    struct.pack_into("!II", buf, tcp + 24, tsval & 0xFFFFFFFF, tsecr & 0xFFFFFFFF)
+    struct.pack_into("!H", buf, tcp + 16, 0)
+    seg = bytes(buf[tcp:])
+    pseudo = bytes(buf[26:34]) + struct.pack("!BBH", 0, 6, len(seg))
+    data = pseudo + seg + (b"\0" if len(seg) % 2 else b"")
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    struct.pack_into("!H", buf, tcp + 16, ~total & 0xFFFF)
+    return bytes(buf)
 
 
 OPS: dict[str, Callable[[Wire, dict[str, Any]], dict[str, Any]]] = {

@@ -164,3 +164,23 @@ def test_fixture_handshakes_match_the_codec() -> None:
     first_ack = next(s.first(mptcp.Dss).data_ack for s in path1 if s.src == cap.server
                      and s.first(mptcp.Dss) is not None)
     assert first_ack == mptcp.idsn(cap.client_key) + 1 + 517
+
+
+def test_worker_patches_a_prebuilt_frame_like_scapy_builds_it() -> None:
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    from attacks.mptcp_worker import _patch_tcp
+
+    def frame(seq: int, ack: int, window: int, tsval: int, tsecr: int) -> bytes:
+        opts = [("NOP", None), ("NOP", None), ("Timestamp", (tsval, tsecr)),
+                mptcp.scapy_option(mptcp.AddAddr(42, "198.51.100.10", hmac=7))]
+        return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+                     / IP(src="203.0.113.2", dst="198.51.100.1", ttl=64)
+                     / TCP(sport=443, dport=40000, flags="A", seq=seq, ack=ack,
+                           window=window, options=opts))
+
+    template = frame(0, 0, 0, 0, 0)
+    want = frame(0xFFFFFFF0, 12345, 4321, 2**32 - 1, 99)
+    assert _patch_tcp(template, seq=0xFFFFFFF0, ack=12345, window=4321, tsval=2**32 - 1,
+                      tsecr=99) == want
