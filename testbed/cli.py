@@ -134,7 +134,16 @@ def cmd_list(args: argparse.Namespace) -> int:
                            if k in MIDDLEBOXES else {})}
             for k, desc in MIDDLEBOX_KINDS.items()}
     if what in ("all", "attacks"):
-        listing["attacks"] = dict(ATTACK_KINDS)
+        from attacks import ATTACKS
+
+        listing["attacks"] = {
+            k: {"description": desc,
+                "positions": list(ATTACKS[k].positions) if k in ATTACKS else [],
+                "transports": list(ATTACKS[k].transports) if k in ATTACKS else [],
+                "requires": sorted(ATTACKS[k].requires) if k in ATTACKS else [],
+                "params": ({p.name: p.describe() for p in ATTACKS[k].params.values()}
+                           if k in ATTACKS else {})}
+            for k, desc in ATTACK_KINDS.items()}
     if what in ("all", "playbooks"):
         listing["playbooks"] = {}
         for path in sorted(PLAYBOOK_DIR.glob("*.yaml")):
@@ -155,6 +164,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, info in items.items():
             desc = info.get("description", "") if isinstance(info, dict) else str(info)
             print(f"  {name:<28} {desc}")
+            if isinstance(info, dict) and "positions" in info:
+                print(f"  {'':<28} positions: {', '.join(info['positions'])}; transports: "
+                      f"{', '.join(info['transports'])}")
             if isinstance(info, dict) and "params" in info:
                 print(f"  {'':<28} requires: {', '.join(info.get('requires', [])) or 'nothing'}")
                 for pname, phelp in info["params"].items():
