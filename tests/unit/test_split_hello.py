@@ -193,3 +193,58 @@ def test_bio_tls_over_a_socket_pair(pki: Pki, close_notify: bool) -> None:
         thread.join(10)
         a.close()
     assert seen["version"] == "TLSv1.3"
+
+
+# -- the playbook keys ------------------------------------------------------------------------
+PLAYBOOK = """
+name: s1x
+topology: {name: dual_path}
+transports: [mptcp]
+app: {kind: python, bytes: 1000, split_client_hello: true}
+"""
+
+
+def _parse(text: str) -> object:
+    from testbed.model.playbook import parse_playbook
+    return parse_playbook(text, "x.yaml", {})
+
+
+def test_playbook_split_keys() -> None:
+    from testbed.errors import SpecError
+    from testbed.model.playbook import Playbook
+
+    pb = _parse(PLAYBOOK)
+    assert isinstance(pb, Playbook)
+    assert pb.app.split_client_hello and pb.app.split_at == SNI_MIDDLE
+    assert pb.app.split_steer == "mp_prio"
+    pb = _parse(PLAYBOOK.replace("split_client_hello: true",
+                                 "split_client_hello: true, split_at: 120, split_steer: none"))
+    assert isinstance(pb, Playbook)
+    assert pb.app.split_at == 120 and pb.app.split_steer == "none"
+    bad = {
+        "transports: [tcp, mptcp]": ("app.split_client_hello", "MPTCP"),
+        "kind: python": ("app.split_client_hello", "cannot split"),
+        "split_client_hello: true": ("app.split_at", "byte offset"),
+    }
+    replacements = {"transports: [tcp, mptcp]": ("transports: [mptcp]", "transports: [tcp, mptcp]"),
+                    "kind: python": ("kind: python", "kind: openssl"),
+                    "split_client_hello: true": ("split_client_hello: true",
+                                                 "split_client_hello: true, split_at: 0")}
+    for key, (field, words) in bad.items():
+        old, new = replacements[key]
+        with pytest.raises(SpecError) as info:
+            _parse(PLAYBOOK.replace(old, new))
+        assert info.value.field == field and words in str(info.value)
+    with pytest.raises(SpecError):
+        _parse(PLAYBOOK.replace("split_client_hello: true", "split_client_hello: yes please"))
+
+
+def test_s1_playbook_sweeps_three_clients() -> None:
+    from testbed.model.playbook import expand_sweeps
+    path = Path(__file__).resolve().parents[2] / "playbooks" / "s1_split_hello.yaml"
+    pbs = {pb.name: pb for pb in expand_sweeps(path)}
+    assert {n: (p.app.split_client_hello, p.app.split_steer) for n, p in pbs.items()} == {
+        "s1_split_hello[client=default]": (False, "mp_prio"),
+        "s1_split_hello[client=split]": (True, "mp_prio"),
+        "s1_split_hello[client=split_nosteer]": (True, "none")}
+    assert all(p.claim == "S1" and p.transports == ("mptcp",) for p in pbs.values())
