@@ -109,7 +109,7 @@ class TcpInject(Attack):
 
     def act(self) -> None:
         assert self.worker is not None and self.worker.stdin is not None
-        before = snapshot_counters(self.ctx.client)
+        before = self.act_baseline = snapshot_counters(self.ctx.client)
         self.ctx.say(f"{self.values['mode']}: injecting into {self.config['client']}")
         self.worker.stdin.write("go\n")
         self.worker.stdin.flush()
@@ -140,8 +140,30 @@ class TcpInject(Attack):
             # Each forged segment that reached the open connection is answered by one of
             # these drops (beyond the window, or "old": a D-SACK duplicate ACK, or PAWS).
             report["drops_account_for_forged"] = dropped >= 0.95 * report["forged_before_close"]
+        if hasattr(self, "act_baseline"):
+            report.update(self._effect(counter_delta(self.act_baseline,
+                                                     snapshot_counters(self.ctx.client))))
         report.update(received_check(self.ctx.evidence_dir, self.ctx.app_bytes, MARKER))
         return report
+
+    @staticmethod
+    def _effect(d: dict[str, int]) -> dict[str, Any]:
+        """What the client's kernel did from the injection to the end of the transfer.
+
+        Under MPTCP a forged segment taken by a subflow either lands inside a DSS mapping
+        (its bytes become connection data: TLS aborts, the client sends MP_FASTCLOSE) or
+        outside any (the subflow is reset with MP_RST; the data goes on over the other
+        subflow). Under TCP the TLS abort closes the socket with unread data (AbortOnClose).
+        """
+        if d.get("MPTcpExtMPFastcloseTx", 0) or d.get("TcpExtTCPAbortOnClose", 0) \
+                or d.get("TcpExtTCPAbortOnData", 0):
+            effect = "connection_aborted"
+        elif d.get("MPTcpExtMPRstTx", 0):
+            effect = "subflow_reset"
+        else:
+            effect = "none"
+        return {"victim_effect": effect, "forged_bytes_taken": effect != "none",
+                "counters_to_end": d}
 
     def _on_link(self, four_tuple: list[Any] | None) -> dict[str, Any]:
         """From the testbed's capture of the client's access link: how many forged segments

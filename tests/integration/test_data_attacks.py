@@ -111,15 +111,22 @@ def test_o1_control_with_oracle_sequence_numbers_corrupts(tmp_path: Path) -> Non
     for transport, tr in transports.items():
         rep = report(tr, "tcp_inject")
         outcome = tr.outcome
-        assert outcome is not None and outcome["status"] == "tls_error"
-        assert "BAD_RECORD_MAC" in (outcome["error"] or "")
+        assert outcome is not None
         wifi = run_dir / tr.evidence["pcap.wifi"]
         assert tshark_count(wifi, f'tcp.payload contains "{MARKER}"') >= 1
         assert rep["marker_in_received"] is False
         assert rep["received_is_payload_prefix"] is True
+        client = tr.facts["counters"]["client"]
+        if transport == "tcp" or rep["victim_effect"] == "connection_aborted":
+            assert outcome["status"] == "tls_error"
+            assert "BAD_RECORD_MAC" in (outcome["error"] or "")
         if transport == "mptcp":
-            client = tr.facts["counters"]["client"]
+            # Inside a DSS mapping: TLS abort and MP_FASTCLOSE; outside: the subflow is
+            # reset (MP_RST) and the transfer completes over the other subflow.
+            assert rep["victim_effect"] in ("connection_aborted", "subflow_reset")
             assert client.get("MPTcpExtMPFastcloseTx", 0) + client.get("MPTcpExtMPRstTx", 0) >= 1
+            if rep["victim_effect"] == "subflow_reset":
+                assert outcome["status"] == "ok"
 
 
 def test_a1_tamper_aborts_tls_under_both_transports(tmp_path: Path) -> None:
