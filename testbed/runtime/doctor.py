@@ -500,8 +500,11 @@ def kernel_config_value(option: str, release: str | None = None) -> str | None:
     return None
 
 
-def probe(timeout_s: float = 5.0) -> DoctorReport:
-    """Probe this machine. Each probe is bounded by ``timeout_s``; none raises."""
+def probe(timeout_s: float | None = None) -> DoctorReport:
+    """Probe this machine. Each probe is bounded by ``timeout_s`` (default 5 s, or
+    $TESTBED_DOCTOR_TIMEOUT: a VM under software emulation needs more); none raises."""
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("TESTBED_DOCTOR_TIMEOUT", "5"))
     return Prober(timeout_s).report()
 
 
