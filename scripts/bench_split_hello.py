@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import signal
 import statistics
 import sys
@@ -123,20 +124,24 @@ def run_variant(name: str, topo_params: dict[str, Any], n: int, work: Path,
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| second path (cellular) | n | default: median [p25–p75] ms | "
              "split: median [p25–p75] ms | extra (median of split − default) | "
-             "split's wait for the 2nd subflow, median ms | failures |",
+             "split: wait for the 2nd subflow / first part → rest sent, median ms | "
+             "failures |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         if r["status"] != "measured":
-            lines.append(f"| {r['variant']} | – | {r['status']}: {r['reason']} | | | | |")
+            reason = str(r["reason"]).split("; fix:")[0]
+            lines.append(f"| {r['variant']} | – | {r['status']}: {reason} | | | | |")
             continue
         d, s = r["default"], r["split"]
+        gap = summary([t["rest_sent_s"] - t["first_sent_s"] for t in r["split_timelines"]])
         lines.append(
             f"| {r['variant']} | {d['n']}+{s['n']} | {d['median_ms']:.2f} "
             f"[{d['p25_ms']:.2f}–{d['p75_ms']:.2f}] | {s['median_ms']:.2f} "
             f"[{s['p25_ms']:.2f}–{s['p75_ms']:.2f}] | {r['extra_median_ms']:+.2f} ms "
             f"(paired: {r['paired_difference']['median_ms']:+.2f}, IQR "
             f"{r['paired_difference']['iqr_ms']:.2f}) | "
-            f"{r['split_wait_for_second_subflow']['median_ms']:.2f} | {len(r['failures'])} |")
+            f"{r['split_wait_for_second_subflow']['median_ms']:.2f} / "
+            f"{gap['median_ms']:.2f} | {len(r['failures'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell-delays", default="5,25,50",
                         help="one-way delays (ms) on the second path; need netem")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--table", type=Path, metavar="BENCH_JSON",
+                        help="only print the table of an earlier bench.json")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.table.read_text())["results"]), end="")
+        return 0
     if args.n < 20:
         parser.error("--n must be at least 20")
     out = args.out or REPO / "results" / f"bench-split-hello-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -166,10 +176,21 @@ def main(argv: list[str] | None = None) -> int:
                          {"wifi_rate_mbit": WIFI_RATE_MBIT, "cell_rate_mbit": None,
                           "cell_delay_ms": delay}, reason))
 
-    def on_term(_signum: int, _frame: Any) -> None:
+    owner = os.getpid()
+
+    def on_term(signum: int, _frame: Any) -> None:
+        if os.getpid() != owner:
+            # A forked pyroute2 helper inherited this handler: it must die as by default,
+            # never unwind into this process's cleanup (it would delete live namespaces).
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(143)
 
     signal.signal(signal.SIGTERM, on_term)
+    # Other runs on the machine skew timings: the load average is recorded with them.
+    load_before = list(os.getloadavg())
     ledger = Ledger.create(results_dir=str(out.resolve()))
     results: list[dict[str, Any]] = []
     try:
@@ -188,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ledger.release_all()
         ledger.close()
-    env = {**doctor.fingerprint(report), "n": args.n, "payload_bytes": PAYLOAD_BYTES}
+    env = {**doctor.fingerprint(report), "n": args.n, "payload_bytes": PAYLOAD_BYTES,
+           "loadavg_before": load_before, "loadavg_after": list(os.getloadavg())}
     (out / "bench.json").write_text(json.dumps({"environment": env, "results": results},
                                                indent=1, default=str))
     md = table(results)
