@@ -17,7 +17,10 @@ the second subflow is up). What the scheduler does honour is subflow *priority*:
 on backup subflows only when no non-backup subflow is active. So, once the second subflow
 is usable, the client marks the initial subflow backup (the kernel also tells the server
 with MP_PRIO), writes the rest, and after the handshake marks it non-backup again so the
-transfer uses both paths.
+transfer uses both paths. Not sooner: until the server's answer has acknowledged (DATA_ACK)
+the whole ClientHello, MPTCP could reinject unacknowledged bytes of it on another
+subflow, and with the initial subflow non-backup that could be Wi-Fi. The price is that
+the server's first flight also goes over the second path (the only non-backup one then).
 
 Alternatives considered:
 
