@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +81,7 @@ class Ledger:
     def __init__(self, data: LedgerData, path: Path) -> None:
         self.data = data
         self.path = path
+        self._held = 0
 
     @classmethod
     def create(cls, results_dir: str = "", state_dir: Path | None = None) -> Ledger:
@@ -106,7 +108,21 @@ class Ledger:
         raw["processes"] = [ProcessRecord(**p) for p in raw.get("processes", [])]
         return cls(LedgerData(**raw), path)
 
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Write the ledger once at the end of the block instead of after every change
+        (for bulk additions; whatever the block adds is on disk when it exits)."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            if not self._held:
+                self.save()
+
     def save(self) -> None:
+        if self._held:
+            return
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self.data), indent=1))
         os.replace(tmp, self.path)
@@ -117,6 +133,11 @@ class Ledger:
 
     def add_netns(self, name: str) -> None:
         self.data.netns.append(name)
+        self.save()
+
+    def add_netns_many(self, names: list[str]) -> None:
+        """Record namespaces (before creating them: a crash then leaves nothing unknown)."""
+        self.data.netns.extend(n for n in names if n not in self.data.netns)
         self.save()
 
     def forget_netns(self, name: str) -> None:
@@ -202,6 +223,10 @@ def delete_netns(name: str, tag: str) -> bool:
     """Delete the named namespace ``name`` if it carries ``tag``; kill what still runs in it."""
     if not name.startswith(f"{tag}-") or not (NETNS_DIR / name).exists():
         return False
+    if _is_protected_netns(NETNS_DIR / name):
+        # A name bound to the orchestrator's (or PID 1's) namespace: unname it, kill nothing.
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10)
+        return True
     pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
                           timeout=10).stdout.split()
     for pid in pids:
@@ -209,6 +234,54 @@ def delete_netns(name: str, tag: str) -> bool:
             os.kill(int(pid), signal.SIGKILL)
     subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10)
     return True
+
+
+def _is_protected_netns(path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    for own in ("/proc/self/ns/net", "/proc/1/ns/net"):
+        with contextlib.suppress(OSError):
+            o = os.stat(own)
+            if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
+                return True
+    return False
+
+
+def delete_netns_many(names: list[str], tag: str) -> list[str]:
+    """``delete_netns`` for many namespaces at once: one scan of /proc for the processes
+    still in them (SIGKILLed), one ``ip -batch`` that deletes them. Only names that carry
+    ``tag`` and exist are touched; returns those."""
+    mine = [n for n in names if n.startswith(f"{tag}-") and (NETNS_DIR / n).exists()]
+    if not mine:
+        return []
+    # Namespaces are identified by (device, inode) of their nsfs file. The orchestrator's
+    # own namespace and PID 1's are never a test namespace: a name bound to either is only
+    # unmounted, and nothing in it is killed.
+    protected = set()
+    for path in ("/proc/self/ns/net", "/proc/1/ns/net"):
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            protected.add((st.st_dev, st.st_ino))
+    ids = set()
+    for name in mine:
+        with contextlib.suppress(OSError):
+            st = os.stat(NETNS_DIR / name)
+            if st.st_ino != 0 and (st.st_dev, st.st_ino) not in protected:
+                ids.add((st.st_dev, st.st_ino))
+    me = os.getpid()
+    for entry in Path("/proc").iterdir() if ids else ():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        with contextlib.suppress(OSError):
+            st = os.stat(entry / "ns" / "net")
+            if (st.st_dev, st.st_ino) in ids:
+                os.kill(int(entry.name), signal.SIGKILL)
+    subprocess.run(["ip", "-force", "-batch", "-"],
+                   input="".join(f"netns delete {n}\n" for n in mine),
+                   capture_output=True, text=True, timeout=10 + len(mine) / 10)
+    return mine
 
 
 def stale_ledgers(state_dir: Path | None = None) -> list[Ledger]:

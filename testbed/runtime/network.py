@@ -1,31 +1,34 @@
 """Build a network from a topology spec, and tear it down again, guaranteed.
 
-Nodes are Mininet hosts (``mininet.node.Node``: no controller, no switches); links are
-Mininet veth pairs created directly between the two namespaces, so no testbed interface
-ever exists in the root namespace. Addresses, routes, policy rules, MPTCP endpoints and
-limits and rate-limiting qdiscs are applied with pyroute2 inside each node's namespace.
+Nodes are Mininet hosts (``mininet.node.Node``: no controller, no switches; their shells
+are spawned together and awaited together); links are veth pairs created directly between
+the two namespaces, so no testbed interface ever exists in the root namespace. Sysctls,
+addresses, routes, policy rules, TBF qdiscs, MPTCP endpoints and limits are applied in
+batches over netlink sockets opened inside each node's namespace (``nlfast``); netem, the
+rare case, still goes through pyroute2.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mininet.link import Link as MininetLink
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.generic.mptcp import MPTCP
 
 from testbed.errors import RuntimeFailure
-from testbed.model.addressing import AddressPlan, plan_addresses
+from testbed.model.addressing import AddressPlan, RoutePlan, plan_addresses
 from testbed.model.attachments import Tap
 from testbed.model.topology import LinkSpec, TopologySpec
-from testbed.runtime.ledger import Ledger, delete_netns
-from testbed.runtime.node import Node
+from testbed.runtime import nlfast
+from testbed.runtime.ledger import NETNS_DIR, Ledger, delete_netns_many
+from testbed.runtime.node import Node, attach_all
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ ENDPOINT_FLAGS = {"signal": 1, "subflow": 2, "backup": 4, "fullmesh": 8}
 # TBF: a burst of at least one MTU-sized packet per timer tick, and enough queue (latency)
 # that TCP and MPTCP reach the configured rate.
 TBF_LATENCY_MS = 50
+FIRST_IFINDEX = 1000
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Network:
     ledger: Ledger
     nodes: dict[str, Node] = field(default_factory=dict)
     build_s: float = 0.0
+    _routes: dict[str, list[RoutePlan]] | None = field(default=None, repr=False)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -71,22 +76,60 @@ class Network:
 
     def _build(self, sysctls: dict[str, dict[str, Any]], progress: Callable[[str], None]) -> None:
         progress(f"creating {len(self.spec.nodes)} nodes")
-        for node_spec in self.spec.nodes:
-            self.nodes[node_spec.name] = Node(node_spec.name, node_spec.role, self.ledger)
-        # Sysctls first, so that interfaces created next inherit rp_filter=0 and no IPv6.
-        for name, node in self.nodes.items():
-            self._configure_sysctls(node, {**sysctls.get("*", {}), **sysctls.get(name, {})})
-        progress(f"creating {len(self.spec.links)} links")
-        for link in self.spec.links:
-            ia = self.plan.interface(link.a, link.b)
-            ib = self.plan.interface(link.b, link.a)
-            MininetLink(self.nodes[link.a].mn, self.nodes[link.b].mn,
-                        intfName1=ia.ifname, intfName2=ib.ifname)
-        progress("configuring addresses, routes and MPTCP")
+        # Namespace names go into the ledger before the namespaces exist; the shells' PIDs
+        # are written once for all nodes (a shell whose orchestrator died exits on EOF).
+        self.ledger.add_netns_many([f"{self.ledger.tag}-{n.name}" for n in self.spec.nodes])
+        with self.ledger.batched():
+            for node_spec in self.spec.nodes:
+                self.nodes[node_spec.name] = Node(node_spec.name, node_spec.role, self.ledger,
+                                                  attach=False)
+        # A shell's prompt means mnexec has entered its new namespace: only then may the
+        # namespace be named (attaching earlier could name the orchestrator's own one).
         for node in self.nodes.values():
-            self._configure_netlink(node)
+            node.ready()
+        attach_all(list(self.nodes.values()))
+        # One thread per node enters its namespace, writes its sysctls (before interfaces
+        # exist, so that they inherit rp_filter=0 and no IPv6) and opens the netlink sockets
+        # that the rest of the build uses from this thread.
+        socks: dict[str, tuple[socket.socket, socket.socket | None]] = {}
+        try:
+            for name, node in self.nodes.items():
+                values = self._sysctl_values(node, {**sysctls.get("*", {}),
+                                                    **sysctls.get(name, {})})
+                try:
+                    socks[name] = nlfast.sockets_in(NETNS_DIR / node.netns, values)
+                except (OSError, ValueError) as exc:
+                    raise RuntimeFailure(f"configuring {name} ({node.netns}) failed: {exc}"
+                                         ) from exc
+            progress(f"creating {len(self.spec.links)} links")
+            self._create_links(socks)
+            progress("configuring addresses, routes and MPTCP")
+            for node in self.nodes.values():
+                self._configure_netlink(node, *socks[node.name])
+        finally:
+            nlfast.close_all(s for pair in socks.values() for s in pair)
 
-    def _configure_sysctls(self, node: Node, extra: dict[str, Any]) -> None:
+    def ifindex(self, node: str, ifname: str) -> int:
+        """Interfaces get fixed indexes at creation, so no lookup is ever needed: link
+        ``i`` (in spec order) is ``1000 + 2i`` at its ``a`` end and ``1001 + 2i`` at its
+        ``b`` end. Unique in each namespace, clear of the fallback devices a new namespace
+        may get, and never equal to the peer's: a veth whose index equals its peer's
+        counts as not stacked, and the kernel then delays its carrier event (and the
+        activation of its qdisc) by up to a second."""
+        for i, link in enumerate(self.spec.links):
+            for end, peer, offset in ((link.a, link.b, 0), (link.b, link.a, 1)):
+                if end == node and self.plan.interface(node, peer).ifname == ifname:
+                    return FIRST_IFINDEX + 2 * i + offset
+        raise KeyError(f"{node} has no interface {ifname}")
+
+    def _routes_by_node(self) -> dict[str, list[RoutePlan]]:
+        if self._routes is None:
+            self._routes = {}
+            for route in self.plan.routes:
+                self._routes.setdefault(route.node, []).append(route)
+        return self._routes
+
+    def _sysctl_values(self, node: Node, extra: dict[str, Any]) -> dict[str, Any]:
         values: dict[str, Any] = {
             "net.ipv4.ip_forward": 1 if node.name in self.plan.forwarding else 0,
             "net.ipv4.conf.all.rp_filter": 0,
@@ -97,71 +140,100 @@ class Network:
             "net.mptcp.enabled": 1,
         }
         values.update(extra)
-        node.run(["sysctl", "-qw", *(f"{k}={v}" for k, v in values.items())])
+        return values
 
-    def _configure_netlink(self, node: Node) -> None:
-        intfs = self.plan.interfaces[node.name]
-        ifindex: dict[str, int] = {}
+    def _create_links(self, socks: dict[str, tuple[socket.socket, socket.socket | None]]
+                      ) -> None:
+        """Each veth pair is created in its ``a`` node's namespace with the peer placed
+        directly in the ``b`` node's: no end ever exists in the root namespace."""
+        fds: dict[str, int] = {}
         try:
-            with IPRoute(netns=node.netns, flags=0) as ipr:
-                lo = ipr.link_lookup(ifname="lo")[0]
-                ipr.link("set", index=lo, state="up")
-                for intf in intfs:
-                    idx = ifindex[intf.ifname] = ipr.link_lookup(ifname=intf.ifname)[0]
-                    ipr.addr("add", index=idx, address=str(intf.address.ip),
-                             prefixlen=intf.address.network.prefixlen)
-                    ipr.link("set", index=idx, state="up")
-                    self._shape(ipr, idx, intf.link)
-                for route in (r for r in self.plan.routes if r.node == node.name):
-                    ipr.route("add", dst=str(route.dst), gateway=str(route.via),
-                              oif=ifindex[route.dev], table=route.table)
-                for intf in intfs:
-                    for rule in (r for r in self.plan.rules if r.node == node.name):
-                        if rule.src == intf.address.ip:
-                            ipr.route("add", dst=str(intf.address.network),
-                                      oif=ifindex[intf.ifname],
-                                      table=rule.table, scope=253)
-                for rule in (r for r in self.plan.rules if r.node == node.name):
-                    ipr.rule("add", src=str(rule.src), src_len=32, table=rule.table,
-                             priority=rule.priority)
-            with MPTCP(netns=node.netns, flags=0) as mp:
-                mp.limits("set", subflows=MPTCP_LIMIT_SUBFLOWS,
-                          add_addr_accepted=MPTCP_LIMIT_ADD_ADDR)
+            by_node: dict[str, nlfast.Rtnl] = {}
+            for n, link in enumerate(self.spec.links):
+                ia = self.plan.interface(link.a, link.b)
+                ib = self.plan.interface(link.b, link.a)
+                if link.b not in fds:
+                    fds[link.b] = os.open(NETNS_DIR / self.nodes[link.b].netns,
+                                          os.O_RDONLY | os.O_CLOEXEC)
+                rt = by_node.setdefault(link.a, nlfast.Rtnl(socks[link.a][0]))
+                i = FIRST_IFINDEX + 2 * n
+                rt.veth(ia.ifname, i, ib.ifname, i + 1, fds[link.b])
+            for name, rt in by_node.items():
+                try:
+                    rt.commit()
+                except OSError as exc:
+                    raise RuntimeFailure(f"creating links of {name} failed: {exc}") from exc
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _configure_netlink(self, node: Node, route_sock: socket.socket,
+                           genl_sock: socket.socket | None) -> None:
+        intfs = self.plan.interfaces[node.name]
+        idx = {intf.ifname: FIRST_IFINDEX + 2 * self.spec.links.index(intf.link)
+               + (intf.node != intf.link.a) for intf in intfs}
+        rt = nlfast.Rtnl(route_sock)
+        rt.up(1, "lo")
+        netem: list[tuple[int, LinkSpec]] = []
+        for intf in intfs:
+            rt.addr(idx[intf.ifname], intf.address, intf.ifname)
+            rt.up(idx[intf.ifname], intf.ifname)
+            link = intf.link
+            if link.needs_netem:
+                netem.append((idx[intf.ifname], link))
+            elif link.rate_mbit:
+                rate_bps = link.rate_mbit * 1e6
+                burst = max(int(rate_bps / 8 / 250), 16 * 1024)  # one 4 ms tick, >= 16 KiB
+                rt.tbf(idx[intf.ifname], rate_bps, burst, TBF_LATENCY_MS / 1000, intf.ifname)
+        rules = [r for r in self.plan.rules if r.node == node.name]
+        for route in self._routes_by_node().get(node.name, ()):
+            rt.route(route.dst, idx[route.dev], via=route.via, table=route.table)
+        for intf in intfs:
+            for rule in rules:
+                if rule.src == intf.address.ip:
+                    rt.route(intf.address.network, idx[intf.ifname], table=rule.table,
+                             scope=253)
+        for rule in rules:
+            rt.rule(rule.src, rule.table, rule.priority)
+        try:
+            rt.commit()
+            if netem:
+                with IPRoute(netns=node.netns, flags=0) as ipr:
+                    for index, link in netem:
+                        self._shape(ipr, index, link)
+            if genl_sock is not None:
+                mp = nlfast.Mptcp(genl_sock)
+                mp.limits(MPTCP_LIMIT_SUBFLOWS, MPTCP_LIMIT_ADD_ADDR)
                 for i, ep in enumerate(e for e in self.plan.endpoints if e.node == node.name):
                     flags = 0
                     for flag in ep.flags:
                         flags |= ENDPOINT_FLAGS[flag]
-                    # No if_idx: pyroute2 0.9 encodes it wrongly; the policy routes pick the device.
-                    mp.endpoint("add", addr=str(ep.address), id=i + 1, flags=flags)
-        except (NetlinkError, OSError, IndexError) as exc:
+                    # No if_idx: the policy routes pick the device.
+                    mp.endpoint(ep.address, i + 1, flags)
+                mp.commit()
+        except (NetlinkError, OSError) as exc:
             raise RuntimeFailure(f"configuring {node.name} ({node.netns}) failed: {exc}") from exc
 
     def _shape(self, ipr: IPRoute, idx: int, link: LinkSpec) -> None:
-        """Rate limit the egress of one end of a link (TBF); delay/loss with netem only.
+        """Delay/loss (and rate) with netem on one end of a link (rate alone is TBF, in
+        ``_configure_netlink``).
 
         A link asking for delay or loss on a kernel without netem is refused here; the
         scenario runner turns the missing capability into an INCONCLUSIVE verdict before
         it ever builds such a network.
         """
-        if link.needs_netem:
-            kwargs: dict[str, Any] = {}
-            if link.delay_ms:
-                kwargs["delay"] = int(link.delay_ms * 1000)
-            if link.loss_pct:
-                kwargs["loss"] = link.loss_pct
-            if link.rate_mbit:
-                kwargs["rate"] = f"{link.rate_mbit}mbit"
-            try:
-                ipr.tc("add", "netem", idx, handle="1:", **kwargs)
-            except NetlinkError as exc:
-                raise RuntimeFailure(f"link {link.name}: netem refused by the kernel ({exc}); "
-                                     "run 'testbed doctor'") from exc
-            return
+        kwargs: dict[str, Any] = {}
+        if link.delay_ms:
+            kwargs["delay"] = int(link.delay_ms * 1000)
+        if link.loss_pct:
+            kwargs["loss"] = link.loss_pct
         if link.rate_mbit:
-            rate_bps = link.rate_mbit * 1e6
-            burst = max(int(rate_bps / 8 / 250), 16 * 1024)  # one 4 ms tick, at least 16 KiB
-            ipr.tc("add", "tbf", idx, handle="1:", rate=f"{int(rate_bps)}bit", burst=burst,
-                   latency=f"{TBF_LATENCY_MS}ms")
+            kwargs["rate"] = f"{link.rate_mbit}mbit"
+        try:
+            ipr.tc("add", "netem", idx, handle="1:", **kwargs)
+        except NetlinkError as exc:
+            raise RuntimeFailure(f"link {link.name}: netem refused by the kernel ({exc}); "
+                                 "run 'testbed doctor'") from exc
 
     def _mirror(self, tap: Tap) -> None:
         """Mirror both directions of the router's link to the observed node onto the tap's
@@ -191,10 +263,13 @@ class Network:
 
         Only this network's own resources: run-level ones (payload files, the ledger) stay.
         """
-        for node in reversed(list(self.nodes.values())):
+        nodes = list(reversed(list(self.nodes.values())))
+        with self.ledger.batched():
+            for node in nodes:
+                with contextlib.suppress(Exception):
+                    node.terminate()
             with contextlib.suppress(Exception):
-                node.terminate()
-            with contextlib.suppress(Exception):
-                delete_netns(node.netns, self.ledger.tag)
-            self.ledger.forget_netns(node.netns)
+                delete_netns_many([n.netns for n in nodes], self.ledger.tag)
+            for node in nodes:
+                self.ledger.forget_netns(node.netns)
         self.nodes.clear()

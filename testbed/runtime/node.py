@@ -7,7 +7,11 @@ ledger and stopped by PID.
 from __future__ import annotations
 
 import contextlib
+import os
+import pty
+import select
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -20,22 +24,78 @@ from testbed.runtime.ledger import Ledger, kill_process_group, proc_start_time
 File = int | IO[Any] | None
 
 
+class _Shell(MininetNode):  # type: ignore[misc]
+    """A Mininet host whose shell start is split in two: ``startShell`` (called by
+    Mininet's constructor) only spawns it, ``wait_ready`` waits for its prompt and
+    configures it as Mininet does. Spawning every node's shell before waiting for any lets
+    them start in parallel."""
+
+    def startShell(self, mnopts: str | None = None) -> None:
+        if self.shell:
+            return
+        # As mininet.node.Node.startShell: mnexec -c(lose fds) -d(etach) -n(ew netns),
+        # prompt set to the sentinel chr(127), in a pseudo-tty.
+        cmd = ["mnexec", ("-cd" if mnopts is None else mnopts) + "n", "env",
+               "PS1=" + chr(127), "bash", "--norc", "--noediting", "-is",
+               "mininet:" + self.name]
+        self.master, self.slave = pty.openpty()
+        self.shell = self._popen(cmd, stdin=self.slave, stdout=self.slave, stderr=self.slave,
+                                 close_fds=False)
+        self.stdin = os.fdopen(self.master, "r")
+        self.stdout = self.stdin
+        self.pid = self.shell.pid
+        self.pollOut = select.poll()
+        self.pollOut.register(self.stdout)
+        self.outToNode[self.stdout.fileno()] = self
+        self.inToNode[self.stdin.fileno()] = self
+        self.execed = False
+        self.lastCmd = None
+        self.lastPid = None
+        self.readbuf = ""
+        self._ready = False
+
+    def wait_ready(self, timeout_s: float, name: str) -> None:
+        if self._ready:
+            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.shell.poll() is not None:
+                raise RuntimeFailure(f"the shell of {name} exited ({self.shell.returncode})")
+            if self.pollOut.poll(100):
+                data = self.read(1024)
+                if data and data[-1] == chr(127):
+                    break
+            if time.monotonic() > deadline:
+                raise StepTimeout(f"the shell of {name} did not start within {timeout_s}s")
+        self.waiting = False
+        # +m: no job control notifications
+        self.cmd("unset HISTFILE; stty -echo; set +m")
+        self._ready = True
+
+
 class Node:
-    def __init__(self, name: str, role: str, ledger: Ledger) -> None:
+    def __init__(self, name: str, role: str, ledger: Ledger, *, attach: bool = True) -> None:
+        """``attach=False``: the caller names the namespace (``attach_all``), has recorded
+        it in the ledger already, and calls ``ready()`` before using the node's Mininet
+        shell (``Network`` does this for all nodes at once, so that the shells start in
+        parallel)."""
         self.name = name
         self.role = role
         self.ledger = ledger
         self.netns = f"{ledger.tag}-{name}"
         # The Mininet shell's command line carries the namespace name, so it shows the run tag.
-        self.mn = MininetNode(self.netns, inNamespace=True)
+        self.mn = _Shell(self.netns, inNamespace=True)
         self.pid: int = self.mn.pid
         ledger.add_process(self.pid, "mininet shell", name)
-        attach = subprocess.run(["ip", "netns", "attach", self.netns, str(self.pid)],
-                                capture_output=True, text=True, timeout=10)
-        if attach.returncode != 0:
-            raise RuntimeFailure(f"cannot name the namespace of {name}: {attach.stderr.strip()}")
-        ledger.add_netns(self.netns)
         self._procs: list[subprocess.Popen[Any]] = []
+        if attach:
+            self.ready()
+            attach_all([self])
+            ledger.add_netns(self.netns)
+
+    def ready(self, timeout_s: float = 10.0) -> None:
+        """Wait until the node's Mininet shell has started (its prompt came)."""
+        self.mn.wait_ready(timeout_s, self.name)
 
     # -- processes -------------------------------------------------------------------------
     def _argv(self, argv: Sequence[str]) -> list[str]:
@@ -102,3 +162,31 @@ class Node:
 
     def __repr__(self) -> str:
         return f"Node({self.name}, netns={self.netns})"
+
+
+def _netns_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def attach_all(nodes: Sequence[Node]) -> None:
+    """Name the namespaces of ``nodes`` (``ip netns attach``) with one ``ip -batch``."""
+    if not nodes:
+        return
+    own = _netns_id(Path("/proc/self/ns/net"))
+    for n in nodes:
+        # Never name the orchestrator's namespace: a shell that has not yet entered its own
+        # namespace would give that, and deleting the "node" would then kill every process
+        # of the root namespace.
+        if _netns_id(Path(f"/proc/{n.pid}/ns/net")) in (own, None):
+            raise RuntimeFailure(f"the shell of {n.name} (PID {n.pid}) is not in a namespace "
+                                 "of its own; refusing to name it")
+    lines = "".join(f"netns attach {n.netns} {n.pid}\n" for n in nodes)
+    res = subprocess.run(["ip", "-batch", "-"], input=lines, capture_output=True, text=True,
+                         timeout=10 + len(nodes) / 10)
+    if res.returncode != 0:
+        raise RuntimeFailure(f"cannot name the namespaces of "
+                             f"{', '.join(n.name for n in nodes)}: {res.stderr.strip()[:500]}")
