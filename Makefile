@@ -4,7 +4,7 @@ VENV ?= .venv
 PY ?= $(VENV)/bin/python
 TESTBED ?= $(VENV)/bin/testbed
 
-.PHONY: setup test unit demo lint doctor clean vm-test vagrant-test
+.PHONY: setup test unit demo bench lint doctor clean vm-test vagrant-test
 
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
@@ -38,6 +38,11 @@ unit:
 # matrix and the path of results/<run-id>/report.html. MATRIX_ARGS="--only M1 M2" etc.
 demo: setup
 	$(TESTBED) matrix $(MATRIX_ARGS)
+
+# Performance and scale benchmark: results/bench/<id>.json and .png, a table on stdout.
+# BENCH_ARGS="--quick" for the reduced mode, "--only topology attack_rate" etc.
+bench: setup
+	$(PY) -m testbed.bench $(BENCH_ARGS)
 
 lint:
 	@test -x $(PY) || { echo "no $(PY): run 'sudo make setup' first (or set PY=...)" >&2; exit 2; }

@@ -1,0 +1,170 @@
+"""Targets, the printed table and the plot of a benchmark result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from testbed.bench.stats import spread
+
+OVERHEAD_MAX = 1.5
+DUAL_PATH_MAX_S = 0.3
+BASELINE_SCENARIO_MAX_S = 2.0
+FIDELITY_MIN = 0.95
+ATTACK_MIN_PPS = 20_000
+
+
+def _t(tid: str, what: str, target: str, measured: Any, met: bool | None) -> dict[str, Any]:
+    return {"id": tid, "what": what, "target": target, "measured": measured, "met": met}
+
+
+def targets(sec: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    topo = sec.get("topology")
+    if topo:
+        for e in topo["sizes"]:
+            r = e["ratio"]["ns_veth"]["median"]
+            out.append(_t(f"topology.overhead.{e['nodes']}",
+                          f"testbed up+down / plain ip (namespaces + veths), {e['nodes']} nodes",
+                          f"<= {OVERHEAD_MAX}", r, r is not None and r <= OVERHEAD_MAX))
+        d = topo["dual_path"]["testbed"]["total_s"]["median"]
+        out.append(_t("topology.dual_path_s", "dual_path up+down (s)",
+                      f"< {DUAL_PATH_MAX_S}", d, d < DUAL_PATH_MAX_S))
+    scen = sec.get("scenarios")
+    if scen:
+        for e in scen["playbooks"]:
+            if e["playbook"] == "baseline" and e["wall_s"]["median"] is not None:
+                w = e["wall_s"]["median"]
+                out.append(_t("scenario.baseline_s", "baseline playbook, both transports (s)",
+                              f"< {BASELINE_SCENARIO_MAX_S}", w, w < BASELINE_SCENARIO_MAX_S))
+    fid = sec.get("fidelity")
+    if fid:
+        t, m = fid["tcp"]["fraction_of_one_path"], fid["mptcp"]["fraction_of_sum"]
+        out.append(_t("fidelity.tcp", "TCP goodput / one path's rate", f">= {FIDELITY_MIN}",
+                      t, t >= FIDELITY_MIN))
+        out.append(_t("fidelity.mptcp", "MPTCP goodput / sum of the rates",
+                      f">= {FIDELITY_MIN}", m, m >= FIDELITY_MIN))
+    mc = sec.get("many_connections")
+    if mc:
+        out.append(_t("many_connections.success", f"{mc['conns']} TLS/MPTCP via NAT: success",
+                      "== 1.0", mc["success_rate"], mc["success_rate"] == 1.0))
+    ar = sec.get("attack_rate")
+    if ar:
+        r = ar["rawsend"]["rate_pps"]["median"]
+        out.append(_t("attack_rate.rawsend", "MP_JOIN SYNs/s, one core (rawsend)",
+                      f">= {ATTACK_MIN_PPS}", r, r >= ATTACK_MIN_PPS))
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str]] = []
+    sec = res["sections"]
+    if "topology" in sec:
+        for e in [*sec["topology"]["sizes"], {**sec["topology"]["dual_path"], "dual": True}]:
+            name = "dual_path" if e.get("dual") else f"chain {e['nodes']}"
+            rows.append((f"topology {name} up+down", spread(e["testbed"]["total_s"], " s"),
+                         f"ns_veth {spread(e['ns_veth']['total_s'], ' s')} "
+                         f"x{e['ratio']['ns_veth']['median']}; +routes "
+                         f"{spread(e['ns_veth_routes']['total_s'], ' s')} "
+                         f"x{e['ratio']['ns_veth_routes']['median']}"))
+    if "scenarios" in sec:
+        for e in sec["scenarios"]["playbooks"]:
+            rows.append((f"scenario {e['playbook']}", spread(e["wall_s"], " s", 2),
+                         e.get("error", "") or " ".join(e["verdicts"])))
+        rows.append(("scenario all playbooks", f"{sec['scenarios']['all_playbooks_s']} s", ""))
+    for key in ("fidelity", "unshaped"):
+        if key in sec:
+            f = sec[key]
+            for tr in ("tcp", "mptcp"):
+                extra = ""
+                if f.get("rate_mbit_per_path"):
+                    frac = f[tr].get("fraction_of_one_path", f[tr].get("fraction_of_sum"))
+                    extra = f"{frac:.1%} of rate; wire {f[tr]['wire_fraction']:.1%}"
+                rows.append((f"{key} {tr} goodput", spread(f[tr]["goodput_mbit"], " Mbit/s", 1),
+                             extra))
+    if "many_connections" in sec:
+        m = sec["many_connections"]
+        h = m["handshake_ms"]
+        rows.append((f"{m['conns']} TLS/MPTCP conns via NAT",
+                     f"{m['success_rate']:.1%} ok",
+                     f"handshake p50 {h['p50']} p90 {h['p90']} p99 {h['p99']} ms; "
+                     f"orchestrator {m['orchestrator']['cpu_s']} s CPU, "
+                     f"{m['orchestrator']['max_rss_kib'] // 1024} MiB max RSS"))
+    if "attack_rate" in sec:
+        a = sec["attack_rate"]
+        rows.append(("MP_JOIN SYN rate (rawsend)", spread(a["rawsend"]["rate_pps"], "/s", 0),
+                     f"scapy {a['scapy']['rate_pps']:.0f}/s; 1 live token: "
+                     f"{a['expected_guess_time_s']['1'] / 3600:.1f} h"))
+    w = max((len(r[0]) for r in rows), default=10)
+    v = max((len(r[1]) for r in rows), default=10)
+    lines = [f"{'figure':<{w}}  {'median [min-max]':<{v}}  notes", "-" * (w + v + 40)]
+    lines += [f"{a:<{w}}  {b:<{v}}  {c}" for a, b, c in rows]
+    lines.append("")
+    lines.append("targets:")
+    for t in res.get("targets", []):
+        mark = {True: "met", False: "MISSED", None: "-"}[t["met"]]
+        lines.append(f"  {mark:<6} {t['id']}: {t['measured']} (target {t['target']})")
+    env = res["environment"]
+    lines.append(f"load average before {env.get('load_before')} after {env.get('load_after')}")
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sec = res["sections"]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig.suptitle(f"testbed benchmark {res['id']} (load {res['environment']['load_before']})")
+
+    def err(s: dict[str, Any]) -> list[float]:
+        return [s["median"] - s["min"], s["max"] - s["median"]]
+
+    ax = axes[0][0]
+    if "topology" in sec:
+        sizes = sec["topology"]["sizes"]
+        xs = [e["nodes"] for e in sizes]
+        for kind in ("testbed", "ns_veth", "ns_veth_routes"):
+            med = [e[kind]["total_s"]["median"] for e in sizes]
+            ee = list(zip(*(err(e[kind]["total_s"]) for e in sizes), strict=True))
+            ax.errorbar(xs, med, yerr=ee, marker="o", capsize=3, label=kind)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend()
+    ax.set_title("topology up+down (s) vs nodes")
+    ax = axes[0][1]
+    if "scenarios" in sec:
+        pbs = [e for e in sec["scenarios"]["playbooks"] if e["wall_s"]["median"] is not None]
+        ax.barh([e["playbook"] for e in pbs], [e["wall_s"]["median"] for e in pbs],
+                xerr=list(zip(*(err(e["wall_s"]) for e in pbs), strict=True)) if pbs else None)
+        ax.axvline(2.0, color="r", ls="--", lw=1)
+    ax.set_title("scenario wall time (s), both transports")
+    for ax, key in ((axes[0][2], "fidelity"), (axes[1][0], "unshaped")):
+        if key in sec:
+            f = sec[key]
+            trs = ["tcp", "mptcp"]
+            ax.bar(trs, [f[t]["goodput_mbit"]["median"] for t in trs],
+                   yerr=list(zip(*(err(f[t]["goodput_mbit"]) for t in trs), strict=True)),
+                   capsize=4)
+            if f.get("rate_mbit_per_path"):
+                r = f["rate_mbit_per_path"]
+                ax.hlines([r, 2 * r], [-0.4, 0.6], [0.4, 1.4], colors="r", linestyles="--")
+        ax.set_title(f"{key} goodput (Mbit/s)")
+    ax = axes[1][1]
+    if "many_connections" in sec:
+        h = sec["many_connections"]["handshake_ms"]
+        ks = [k for k in ("p50", "p90", "p99", "max") if h.get(k) is not None]
+        ax.bar(ks, [h[k] for k in ks])
+        ax.set_title(f"{sec['many_connections']['conns']} TLS/MPTCP via NAT: handshake (ms), "
+                     f"{sec['many_connections']['success_rate']:.1%} ok", fontsize=9)
+    ax = axes[1][2]
+    if "attack_rate" in sec:
+        a = sec["attack_rate"]
+        ax.bar(["rawsend", "scapy"], [a["rawsend"]["rate_pps"]["median"],
+                                      a["scapy"]["rate_pps"]], log=True)
+        ax.axhline(20_000, color="r", ls="--", lw=1)
+    ax.set_title("MP_JOIN SYNs/s, one core")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
