@@ -82,30 +82,51 @@ def bulk_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drain(sock: socket.socket, buf: bytearray) -> tuple[int, bool]:
+    """Read whatever is queued without waiting; (bytes, peer closed)."""
+    n = 0
+    sock.settimeout(0)
+    try:
+        while True:
+            k = sock.recv_into(buf)
+            if not k:
+                return n, True
+            n += k
+    except (BlockingIOError, InterruptedError):
+        return n, False
+    finally:
+        sock.settimeout(10)
+
+
 def bulk_client(args: argparse.Namespace) -> int:
+    """Goodput over a window that starts and ends with an emptied receive queue, so bytes
+    that waited in the socket while this process was not scheduled (a loaded machine) are
+    never counted as if they had arrived inside the window."""
     sock = _sock(args.transport)
     sock.settimeout(10)
     sock.connect((args.connect, args.port))
     buf = bytearray(BULK_CHUNK)
-    t0 = time.monotonic()
-    start = t0 + args.warmup
+    total = 0
+    closed = False
+    warm_end = time.monotonic() + args.warmup
+    while not closed and time.monotonic() < warm_end:
+        n = sock.recv_into(buf)
+        total += n
+        closed = not n
+    n, closed = _drain(sock, buf)
+    total += n
+    start = time.monotonic()
+    subflows = _subflows(sock)
     end = start + args.duration
     counted = 0
-    total = 0
-    subflows = None
-    while True:
+    while not closed and time.monotonic() < end:
         n = sock.recv_into(buf)
-        if not n:
-            break
-        now = time.monotonic()
-        total += n
-        if now >= start:
-            if subflows is None:
-                subflows = _subflows(sock)
-            counted += n
-        if now >= end:
-            break
-    elapsed = time.monotonic() - max(start, t0)
+        counted += n
+        closed = not n
+    n, closed = _drain(sock, buf)
+    counted += n
+    elapsed = time.monotonic() - start
+    total += counted
     sock.close()
     _emit({"bytes": counted, "seconds": round(elapsed, 4), "total_bytes": total,
            "goodput_mbit": round(counted * 8 / elapsed / 1e6, 3), "subflows": subflows})

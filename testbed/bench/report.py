@@ -79,7 +79,9 @@ def table(res: dict[str, Any]) -> str:
                 extra = ""
                 if f.get("rate_mbit_per_path"):
                     frac = f[tr].get("fraction_of_one_path", f[tr].get("fraction_of_sum"))
-                    extra = f"{frac:.1%} of rate; wire {f[tr]['wire_fraction']:.1%}"
+                    extra = (f"{frac:.1%} of rate; link busy {f[tr]['wire_fraction']:.1%}; "
+                             f"headers allow at most "
+                             f"{f[tr]['app_bytes_per_wire_byte']['median']:.1%}")
                 rows.append((f"{key} {tr} goodput", spread(f[tr]["goodput_mbit"], " Mbit/s", 1),
                              extra))
     if "many_connections" in sec:
