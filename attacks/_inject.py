@@ -33,6 +33,7 @@ from attacks._wire import ACK, FIN, RST, SEQ_MOD, SYN, Segment, read_pcap, seq_a
 
 TILE = 1000           # payload bytes per forged segment (below the path MTU with options)
 TSVAL_AHEAD_MS = 100
+ORACLE_WAIT_S = 5.0
 
 
 def _conn(segs: list[Segment], cfg: dict[str, Any]) -> tuple[list[Segment], list[Segment]]:
@@ -116,7 +117,13 @@ def main() -> int:
         report["sent"] += 1
 
     try:
+        # On a loaded machine the victim may not have shown up in the capture yet.
         st = _state(cfg)
+        wait_until = time.monotonic() + ORACLE_WAIT_S
+        while st is None and time.monotonic() < wait_until:
+            time.sleep(0.05)
+            st = _state(cfg)
+        t0 = time.monotonic()
         if st is None:
             report["error"] = "the oracle shows no established connection with data yet"
             print(json.dumps(report), flush=True)

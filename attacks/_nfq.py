@@ -5,9 +5,9 @@ A minimal NFQUEUE client over a raw ``NETLINK_NETFILTER`` socket (no libnetfilte
 binding needed): it binds queue ``queue``, receives every packet the router's iptables rule
 queues (whole packets, GSO already segmented by the kernel), accepts them unchanged, except
 that in the ``after``-th server->client segment with payload (and the ``count - 1`` next
-ones) it flips ``flip`` payload bytes (XOR 0xff) in the middle of the payload and fixes the
-TCP checksum. Each tampering is appended to ``log`` as one JSON line as it happens, so the
-evidence survives the worker being stopped.
+ones, and their retransmissions) it flips ``flip`` payload bytes (XOR 0xff) in the middle
+of the payload and fixes the TCP checksum. Each tampering is appended to ``log`` as one
+JSON line as it happens, so the evidence survives the worker being stopped.
 
 Fail-open: the queue is configured with NFQA_CFG_F_FAIL_OPEN and the rule uses
 ``--queue-bypass``, so the victim's packets pass if the worker lags or is gone.
@@ -136,22 +136,30 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     queue = Queue(cfg["queue"])
     print("ready", flush=True)
-    data_segments = tampered = 0
+    data_segments = 0
+    done: set[tuple[int, int, int]] = set()  # (dport, seq, len) of the segments changed
     with log.open("a") as out:
         for pkt_id, pkt in queue.packets():
             seg = parse_ipv4_tcp(pkt)
             if (seg is None or seg.length == 0 or seg.src != cfg["server"]
-                    or seg.sport != cfg["port"] or tampered >= cfg["count"]):
+                    or seg.sport != cfg["port"]):
                 queue.verdict(pkt_id)
                 continue
-            data_segments += 1
-            if data_segments < cfg["after"]:
-                queue.verdict(pkt_id)
-                continue
+            key = (seg.dport, seg.seq, seg.length)
+            again = key in done
+            if not again:
+                data_segments += 1
+                if data_segments < cfg["after"] or len(done) >= cfg["count"]:
+                    queue.verdict(pkt_id)
+                    continue
+            # A retransmission of a segment already changed is changed the same way: if
+            # the first copy is lost downstream (the access link's queue), the clean copy
+            # would otherwise undo the attack.
             new, what = tamper(pkt, cfg["flip"])
             queue.verdict(pkt_id, new)
-            tampered += 1
+            done.add(key)
             out.write(json.dumps({"time": time.time(), "data_segment": data_segments,
+                                  "retransmission": again,
                                   "src": seg.src, "dst": seg.dst, "sport": seg.sport,
                                   "dport": seg.dport, "seq": seg.seq, "len": seg.length,
                                   "mptcp_option": seg.has_mptcp, **what}) + "\n")

