@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -103,13 +105,42 @@ def run_playbooks(playbooks: list[Playbook], *, results_root: Path,
                     result.write(run_dir)
         result.complete = True
     finally:
-        result.finished = now_iso()
-        result.write(run_dir)
-        if result.complete:
-            (run_dir / "INCOMPLETE").unlink(missing_ok=True)
-        ledger.release_all()
-        ledger.close()
+        with signals_held():
+            try:
+                result.finished = now_iso()
+                result.write(run_dir)
+                if result.complete:
+                    (run_dir / "INCOMPLETE").unlink(missing_ok=True)
+            finally:
+                ledger.release_all()
+                ledger.close()
     return result, run_dir
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the block runs (the run's final release): a signal that
+    arrives then is acted on once the block is done, as the handler in place before would
+    have (``KeyboardInterrupt`` from the CLI's handler, the default action, or nothing if
+    ignored). Without this, an interrupt landing inside the release stopped it halfway and
+    the run left its namespaces and processes for ``testbed clean``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda signum, _frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if pending and sys.exc_info()[0] is None:
+            handler = old[signal.Signals(pending[0])]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
 
 
 def _git_commit() -> str | None:
