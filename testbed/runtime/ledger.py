@@ -180,8 +180,10 @@ class Ledger:
         return done
 
     def close(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        # The .tmp of an atomic save is left behind by a run killed in the middle of one.
+        for path in (self.path, self.path.with_suffix(".tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def kill_process_group(pid: int, start_time: int | None, grace_s: float = 2.0) -> bool:
