@@ -95,7 +95,8 @@ def table(res: dict[str, Any]) -> str:
     if "attack_rate" in sec:
         a = sec["attack_rate"]
         rows.append(("MP_JOIN SYN rate (rawsend)", spread(a["rawsend"]["rate_pps"], "/s", 0),
-                     f"scapy {a['scapy']['rate_pps']:.0f}/s; 1 live token: "
+                     f"scapy {a['scapy']['rate_pps']:.0f}/s; join_guessed_token's sender "
+                     f"{a.get('join_guessed_token', {}).get('rate_pps', '-')}/s; 1 live token: "
                      f"{a['expected_guess_time_s']['1'] / 3600:.1f} h"))
     w = max((len(r[0]) for r in rows), default=10)
     v = max((len(r[1]) for r in rows), default=10)
@@ -163,8 +164,12 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax = axes[1][2]
     if "attack_rate" in sec:
         a = sec["attack_rate"]
-        ax.bar(["rawsend", "scapy"], [a["rawsend"]["rate_pps"]["median"],
-                                      a["scapy"]["rate_pps"]], log=True)
+        names = ["rawsend", "scapy send()"]
+        vals = [a["rawsend"]["rate_pps"]["median"], a["scapy"]["rate_pps"]]
+        if a.get("join_guessed_token", {}).get("rate_pps"):
+            names.append("join_guessed_token")
+            vals.append(a["join_guessed_token"]["rate_pps"])
+        ax.bar(names, vals, log=True)
         ax.axhline(20_000, color="r", ls="--", lw=1)
     ax.set_title("MP_JOIN SYNs/s, one core")
     fig.tight_layout()

@@ -153,10 +153,12 @@ class Batch:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.msgs: list[tuple[bytes, str]] = []
+        # What each request does, for error messages: a string, or a tuple of parts that is
+        # only formatted if the request fails (formatting addresses costs more than packing).
+        self.msgs: list[tuple[bytes, Any]] = []
         self.seq = 0
 
-    def add(self, mtype: int, flags: int, body: bytes, what: str) -> None:
+    def add(self, mtype: int, flags: int, body: bytes, what: Any) -> None:
         hdr = _NLH.pack(_NLH.size + len(body), mtype, flags | NLM_F_REQUEST | NLM_F_ACK, 0, 0)
         self.msgs.append((hdr + body, what))
 
@@ -165,7 +167,7 @@ class Batch:
         i = 0
         while i < len(msgs):
             chunk: list[bytes] = []
-            whats: dict[int, str] = {}
+            whats: dict[int, Any] = {}
             size = 0
             while i < len(msgs) and (not chunk or size + len(msgs[i][0]) <= BATCH_BYTES):
                 self.seq += 1
@@ -178,7 +180,7 @@ class Batch:
             self.sock.sendmsg(chunk)
             self._acks(whats)
 
-    def _acks(self, pending: dict[int, str]) -> None:
+    def _acks(self, pending: dict[int, Any]) -> None:
         first_error: NetlinkFailure | None = None
         while pending:
             data = self.sock.recv(1 << 20)
@@ -191,6 +193,8 @@ class Batch:
                     (err,) = struct.unpack_from("=i", data, off + _NLH.size)
                     what = pending.pop(seq)
                     if err and first_error is None:
+                        if isinstance(what, tuple):
+                            what = " ".join(str(w) for w in what if w is not None)
                         first_error = NetlinkFailure(-err, what)
                 off += (length + 3) & ~3
         if first_error is not None:
@@ -242,7 +246,7 @@ class Rtnl(Batch):
             body += _ip4(RTA_GATEWAY, via)
         body += _u32(RTA_TABLE, table)
         self.add(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body,
-                 f"route add {dst}{f' via {via}' if via else ''} table {table}")
+                 ("route add", dst, "via" if via is not None else None, via, "table", table))
 
     def rule(self, src: Any, table: int, priority: int) -> None:
         body = struct.pack("=BBBBBBBBI", socket.AF_INET, 0, 32, 0,
