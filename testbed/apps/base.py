@@ -21,7 +21,7 @@ from testbed.model.outcome import TRANSPORTS, AppOutcome, final_status
 from testbed.runtime.node import Node
 from testbed.runtime.pki import Pki
 
-LISTEN_TIMEOUT_S = 10.0
+LISTEN_TIMEOUT_S = 30.0  # an upper bound on a state wait: slow machines (TCG VMs) need it
 POLL_INTERVAL_S = 0.05
 KILL_GRACE_S = 5.0  # beyond ctx.timeout_s, before a client is killed by PID
 
