@@ -55,7 +55,7 @@ def test_p3_server_address_on_both_paths_only_under_mptcp(tmp_path: Path) -> Non
         server_addr = next(a for a in server if a.startswith("203.0.113."))
         assert tshark_count(wifi_pcap, f"ip.addr == {server_addr}") > 0
         on_cell = tshark_count(cell_pcap, f"ip.addr == {server_addr}")
-        joins = tshark_count(cell_pcap, "tcp.flags.syn == 1 && mptcp.subtype == 1")
+        joins = tshark_count(cell_pcap, "tcp.flags.syn == 1 && tcp.options.mptcp.subtype == 1")
         if transport == "tcp":
             assert on_cell == 0 and joins == 0
         else:
