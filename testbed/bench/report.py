@@ -79,9 +79,8 @@ def table(res: dict[str, Any]) -> str:
                 extra = ""
                 if f.get("rate_mbit_per_path"):
                     frac = f[tr].get("fraction_of_one_path", f[tr].get("fraction_of_sum"))
-                    extra = (f"{frac:.1%} of rate; link busy {f[tr]['wire_fraction']:.1%}; "
-                             f"headers allow at most "
-                             f"{f[tr]['app_bytes_per_wire_byte']['median']:.1%}")
+                    extra = (f"{frac:.1%} of rate; headers allow at most "
+                             f"{f['ceiling'][tr]:.1%} (full-size segments)")
                 rows.append((f"{key} {tr} goodput", spread(f[tr]["goodput_mbit"], " Mbit/s", 1),
                              extra))
     if "many_connections" in sec:
@@ -157,9 +156,16 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax = axes[1][1]
     if "many_connections" in sec:
         h = sec["many_connections"]["handshake_ms"]
+        c = sec["many_connections"].get("connect_ms", {})
         ks = [k for k in ("p50", "p90", "p99", "max") if h.get(k) is not None]
-        ax.bar(ks, [h[k] for k in ks])
-        ax.set_title(f"{sec['many_connections']['conns']} TLS/MPTCP via NAT: handshake (ms), "
+        xs = list(range(len(ks)))
+        ax.bar([x - 0.2 for x in xs], [h[k] for k in ks], width=0.4, label="TLS handshake")
+        if c:
+            ax.bar([x + 0.2 for x in xs], [c.get(k) or 0 for k in ks], width=0.4,
+                   label="TCP/MPTCP connect")
+        ax.set_xticks(xs, ks)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{sec['many_connections']['conns']} TLS/MPTCP via NAT: latency (ms), "
                      f"{sec['many_connections']['success_rate']:.1%} ok", fontsize=9)
     ax = axes[1][2]
     if "attack_rate" in sec:
@@ -170,6 +176,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
             names.append("join_guessed_token")
             vals.append(a["join_guessed_token"]["rate_pps"])
         ax.bar(names, vals, log=True)
+        ax.tick_params(axis="x", labelsize=8)
         ax.axhline(20_000, color="r", ls="--", lw=1)
     ax.set_title("MP_JOIN SYNs/s, one core")
     fig.tight_layout()

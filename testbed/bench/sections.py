@@ -185,8 +185,9 @@ def throughput(ledger: Ledger, work: Path, rate_mbit: float | None, duration: fl
                                                    "subflows": []})
                 s["goodput"].append(data["goodput_mbit"])
                 if wire:
-                    # Application bytes per byte metered by TBF, over the whole transfer:
-                    # the ceiling of goodput / rate that headers leave.
+                    # Application bytes per byte metered by TBF, over the whole transfer
+                    # (approximate: TBF also counts what was in flight when the client
+                    # closed, which the client never read).
                     eff = data["total_bytes"] / wire
                     s["efficiency"].append(eff)
                     s["wire"].append(data["goodput_mbit"] / eff)
