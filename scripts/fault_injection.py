@@ -269,8 +269,9 @@ def one_run(i: int, sig: signal.Signals, phase: str, rng: random.Random, work: P
     return rec
 
 
-def plan(n: int, rng: random.Random) -> list[tuple[signal.Signals, str]]:
-    pairs = list(itertools.product(SIGNALS, PHASES))
+def plan(n: int, rng: random.Random, signals: tuple[signal.Signals, ...] = SIGNALS,
+         phases: tuple[str, ...] = PHASES) -> list[tuple[signal.Signals, str]]:
+    pairs = list(itertools.product(signals, phases))
     out: list[tuple[signal.Signals, str]] = []
     while len(out) < n:
         rng.shuffle(pairs)
@@ -311,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--runs", type=int, default=50)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "reliability")
+    ap.add_argument("--signals", default="SIGINT,SIGTERM,SIGKILL",
+                    help="comma-separated subset of SIGINT,SIGTERM,SIGKILL")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help=f"comma-separated subset of {','.join(PHASES)}")
     ap.add_argument("extra", nargs="*", help="after --: extra arguments for testbed run")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
@@ -322,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"seed": seed, "started": stamp, "cpus": os.cpu_count(),
                            "load_before": Path("/proc/loadavg").read_text().split()[:3],
                            "runs": []}
-    for i, (sig, phase) in enumerate(plan(args.runs, rng), 1):
+    signals = tuple(signal.Signals[x] for x in args.signals.split(","))
+    phases = tuple(p for p in args.phases.split(",") if p in PHASES)
+    for i, (sig, phase) in enumerate(plan(args.runs, rng, signals, phases), 1):
         rec = one_run(i, sig, phase, rng, work, baseline, args.extra)
         doc["runs"].append(rec)
         doc["summary"] = summarize(doc["runs"])
