@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,9 @@ def root_state() -> dict[str, str]:
         "links": run("ip", "-o", "link", "show"),
         "routes": run("ip", "route", "show", "table", "all"),
         "rules": run("ip", "rule", "show"),
-        "netns": run("ip", "netns", "list"),
+        # Namespaces of other testbed runs on the machine come and go; any other must stay.
+        "netns": "\n".join(n for n in run("ip", "netns", "list").splitlines()
+                           if not re.match(r"tb[0-9a-f]{6}-", n)),
         "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text(),
         "iptables": "\n".join(line for line in run("iptables-save").splitlines()
                               if not line.startswith("#")),
