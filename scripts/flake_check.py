@@ -63,7 +63,9 @@ def one_round(matrix_args: list[str], out: Path, timeout_s: float) -> dict[str, 
     except ValueError:
         round_.update(ok=False, error=res.stderr.strip()[-2000:])
         return round_
-    round_.update(ok=True, run_dir=doc.get("run_dir"))
+    # The working tree at that moment (it may change between rounds): its commit.
+    round_.update(ok=True, run_dir=doc.get("run_dir"),
+                  commit=(doc["matrix"].get("environment") or {}).get("git_commit"))
     for row in doc["matrix"]["claims"]:
         for transport, cell in row["cells"].items():
             verdict = cell.get("measured_verdict") or cell["verdict"]
@@ -78,43 +80,49 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     keys = sorted({k for r in rounds for k in r["cells"]})
     out: dict[str, dict[str, Any]] = {}
     for key in keys:
-        seq = [r["cells"].get(key, {}).get("verdict", "MISSING") for r in rounds]
+        # Only the rounds that ran this cell (a playbook added or removed between rounds
+        # is not a flip).
+        present = [i for i, r in enumerate(rounds) if key in r["cells"]]
+        seq = [rounds[i]["cells"][key]["verdict"] for i in present]
         counts = Counter(seq)
         modal = counts.most_common(1)[0][0]
-        flipped = [i for i, v in enumerate(seq) if v != modal]
+        flipped = [present[j] for j, v in enumerate(seq) if v != modal]
         out[key] = {
             "claim": next(r["cells"][key]["claim"] for r in rounds if key in r["cells"]),
             "verdicts": seq, "distribution": dict(counts), "modal": modal,
             "flips": len(flipped),
             "changes": sum(1 for a, b in pairwise(seq) if a != b),
             "rate": round(len(flipped) / len(seq), 3) if seq else 0.0,
-            "flipped_rounds": {i + 1: rounds[i]["cells"].get(key, {}).get("reason", "")
-                               for i in flipped},
+            "rounds": len(seq),
+            "flipped_rounds": {i + 1: rounds[i]["cells"][key]["reason"] for i in flipped},
         }
     return out
 
 
 def table(doc: dict[str, Any]) -> str:
     rounds = doc["rounds"]
-    summary = summarize([r for r in rounds if r.get("ok")])
+    rounds_ok = [r for r in rounds if r.get("ok")]
+    summary = summarize(rounds_ok)
     loads = [x for r in rounds for x in (r["load_before"], r["load_after"])]
     lines = [f"{len(rounds)} rounds of `testbed matrix {' '.join(doc['matrix_args'])}` "
              f"({sum(1 for r in rounds if r.get('ok'))} completed), "
              f"{sum(r['duration_s'] for r in rounds) / max(len(rounds), 1):.0f} s per round, "
              f"load average (1 min) {min(loads, default=0):.1f}-{max(loads, default=0):.1f} "
              f"on {os.cpu_count()} cores", "",
-             "| scenario [transport] | claim | verdicts | flips | rate |",
-             "|---|---|---|---|---|"]
+             "| scenario [transport] | claim | rounds | verdicts | flips | rate |",
+             "|---|---|---|---|---|---|"]
     for key, s in summary.items():
         dist = ", ".join(f"{n}× {v}" for v, n in sorted(s["distribution"].items(),
                                                           key=lambda x: -x[1]))
-        lines.append(f"| {key} | {s['claim']} | {dist} | {s['flips']} | {s['rate']} |")
+        lines.append(f"| {key} | {s['claim']} | {s['rounds']} | {dist} | {s['flips']} "
+                     f"| {s['rate']} |")
     flips = sum(s["flips"] for s in summary.values())
     lines += ["", f"cells: {len(summary)}, flipped cells: "
               f"{sum(1 for s in summary.values() if s['flips'])}, total flips: {flips}"]
     for key, s in summary.items():
         for i, reason in s["flipped_rounds"].items():
-            lines.append(f"- {key} round {i}: {s['verdicts'][i - 1]} — {reason[:400]}")
+            verdict = rounds_ok[i - 1]["cells"][key]["verdict"]
+            lines.append(f"- {key} round {i}: {verdict} — {reason[:400]}")
     for i, r in enumerate(rounds, 1):
         if not r.get("ok"):
             lines.append(f"- round {i} failed: {r.get('error', '')[:400]}")
