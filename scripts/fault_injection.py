@@ -193,11 +193,13 @@ def clean(state: Path) -> subprocess.CompletedProcess[str]:
 
 
 def one_run(i: int, sig: signal.Signals, phase: str, rng: random.Random, work: Path,
-            baseline: dict[str, str], extra: list[str]) -> dict[str, Any]:
+            baseline: dict[str, str], extra: list[str],
+            trigger: str | None = None) -> dict[str, Any]:
+    """One run killed in ``phase`` (at a random trigger of it, or ``trigger``)."""
     state = work / f"state-{i}"
     state.mkdir(parents=True, exist_ok=True)
-    trig = {"setup": rng.choice(SETUP_TRIGGERS), "traffic": "traffic", "attack": "attack",
-            "teardown": rng.choice(TEARDOWN_TRIGGERS)}[phase]
+    trig = trigger or {"setup": rng.choice(SETUP_TRIGGERS), "traffic": "traffic",
+                       "attack": "attack", "teardown": rng.choice(TEARDOWN_TRIGGERS)}[phase]
     delay = rng.uniform(0.0, 0.3)
     t0 = time.monotonic()
     w = Watched(work / "results", state, extra)

@@ -27,16 +27,20 @@ assert _spec is not None and _spec.loader is not None
 fi = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fi)
 
-PLAN = [(signal.SIGINT, "setup"), (signal.SIGTERM, "traffic"), (signal.SIGKILL, "attack"),
-        (signal.SIGINT, "attack"), (signal.SIGTERM, "teardown"), (signal.SIGKILL, "setup")]
+# Teardown at "client_done" (the network is still up): the later triggers may come after
+# the run's last step, and a run that finished before its signal tests nothing.
+PLAN = [(signal.SIGINT, "setup", "netns"), (signal.SIGTERM, "traffic", None),
+        (signal.SIGKILL, "attack", None), (signal.SIGINT, "attack", None),
+        (signal.SIGTERM, "teardown", "client_done"), (signal.SIGKILL, "setup", "middlebox")]
 
 
 def test_killed_runs_leave_nothing(tmp_path: Path) -> None:
     baseline = fi.root_state()
 
     def one(i: int) -> dict[str, Any]:
-        sig, phase = PLAN[i]
-        return fi.one_run(i + 1, sig, phase, random.Random(i), tmp_path, baseline, [])
+        sig, phase, trigger = PLAN[i]
+        return fi.one_run(i + 1, sig, phase, random.Random(i), tmp_path, baseline, [],
+                          trigger)
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         runs = list(pool.map(one, range(len(PLAN))))
