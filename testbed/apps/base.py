@@ -41,6 +41,9 @@ class AppContext:
     split_client_hello: bool = False
     split_at: int | str = "sni_middle"  # byte offset in the ClientHello, or sni_middle
     split_steer: str = "mp_prio"        # "none": split the writes only (a control)
+    # False (python app only): the payload over the bare socket, no TLS: a plaintext
+    # control showing what TLS protects against (a3_join_plain).
+    tls: bool = True
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:

@@ -21,6 +21,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import select
 import signal
 import socket
 import ssl
@@ -244,6 +245,65 @@ def _serve_one(conn: socket.socket, peer: Any, ctx: ssl.SSLContext, payload: Pat
     _log("conn", **record)
 
 
+RECEIVED_HEAD = 256  # bytes of what a plaintext server received, logged in hex
+
+
+def _serve_plain(conn: socket.socket, peer: Any, payload: Path, transport: str,
+                 io_timeout: float) -> None:
+    """``--no-tls`` (a control showing what TLS protects against): send the payload on the
+    bare socket, shut down the sending side, then read what the peer sent until its EOF.
+    The client sends nothing, so every byte received here was put into the connection by
+    someone else: each arrival is logged at once (``received``: bytes and SHA-256 so far,
+    the first bytes in hex), checked between the chunks sent too, so the evidence is in
+    the log even if the connection never ends (an injection desynchronises the data
+    sequence numbers: the client's DATA_FIN then never lands)."""
+    record: dict[str, Any] = {"peer": _addr(peer), "local": _addr(conn.getsockname()),
+                              "plaintext": True, "tls_version": None}
+    sent = 0
+    got = bytearray()
+    digest = hashlib.sha256()
+    state = {"received": 0, "eof": False}
+    t0 = time.monotonic()
+
+    def take(data: bytes) -> None:
+        if not data:
+            state["eof"] = True
+            return
+        digest.update(data)
+        state["received"] += len(data)
+        if len(got) < RECEIVED_HEAD:
+            got.extend(data[:RECEIVED_HEAD - len(got)])
+        _log("received", peer=record["peer"], plaintext=True,
+             received_bytes=state["received"], received_sha256=digest.hexdigest(),
+             received_head_hex=bytes(got).hex())
+
+    try:
+        conn.settimeout(io_timeout)
+        with payload.open("rb") as fh:
+            while chunk := fh.read(CHUNK):
+                conn.sendall(chunk)
+                sent += len(chunk)
+                while not state["eof"] and select.select([conn], [], [], 0)[0]:
+                    take(conn.recv(CHUNK))
+        if transport == "mptcp":
+            record["mptcp"] = mptcp_view(conn)
+        record["bytes_sent"] = sent
+        conn.shutdown(socket.SHUT_WR)
+        while not state["eof"]:
+            take(conn.recv(CHUNK))
+        record["eof"] = "clean"
+    except (OSError, ValueError) as exc:
+        record["bytes_sent"] = sent
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(OSError):
+            conn.close()
+    record.update(received_bytes=state["received"], received_sha256=digest.hexdigest(),
+                  received_head_hex=bytes(got).hex())
+    record["duration_s"] = round(time.monotonic() - t0, 6)
+    _log("conn", **record)
+
+
 def run_server(args: argparse.Namespace) -> int:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -275,10 +335,15 @@ def run_server(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     _log("listening", bind=args.bind, port=args.port, transport=args.transport,
-         payload_bytes=payload.stat().st_size)
+         payload_bytes=payload.stat().st_size, tls=not args.no_tls)
     try:
         while True:
             conn, peer = lsock.accept()
+            if args.no_tls:
+                threading.Thread(target=_serve_plain, daemon=True,
+                                 args=(conn, peer, payload, args.transport,
+                                       args.io_timeout)).start()
+                continue
             threading.Thread(target=_serve_one, daemon=True,
                              args=(conn, peer, ctx, payload, args.transport,
                                    args.io_timeout)).start()
@@ -339,6 +404,23 @@ def run_client(args: argparse.Namespace) -> dict[str, Any]:
         extra["connect_s"] = round(clock.elapsed(), 6)
         extra["local"] = _addr(sock.getsockname())
         extra["peer"] = _addr(sock.getpeername())
+
+        if args.no_tls:  # a plaintext control: the same payload, no TLS
+            extra["plaintext"] = True
+            phase = "transfer"
+            with contextlib.ExitStack() as stack:
+                out = stack.enter_context(Path(args.out).open("wb")) if args.out else None
+                while True:
+                    clock.arm(sock)
+                    data = sock.recv(CHUNK)
+                    if not data:
+                        break
+                    digest.update(data)
+                    received += len(data)
+                    if out is not None:
+                        out.write(data)
+            result["status"] = "ok"
+            return result
 
         phase = "handshake"
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -433,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--payload", required=True)
     srv.add_argument("--keylog")
     srv.add_argument("--io-timeout", type=float, default=60.0)
+    srv.add_argument("--no-tls", action="store_true",
+                     help="plaintext control: the payload over the bare socket")
     cli = sub.add_parser("client")
     cli.add_argument("--connect", required=True)
     cli.add_argument("--port", type=int, default=443)
@@ -442,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--out")
     cli.add_argument("--keylog")
     cli.add_argument("--timeout", type=float, required=True)
+    cli.add_argument("--no-tls", action="store_true",
+                     help="plaintext control: read the payload from the bare socket")
     cli.add_argument("--split-client-hello", action="store_true",
                      help="claim S1: send the ClientHello's rest on the second subflow")
     cli.add_argument("--split-at", default=SNI_MIDDLE,

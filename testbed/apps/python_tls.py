@@ -56,6 +56,8 @@ class PythonTls(App):
                 "--payload", str(ctx.payload),
                 "--keylog", str(self.file(ctx, "server-keylog.txt")),
                 "--io-timeout", str(max(ctx.timeout_s, 5.0))]
+        if not ctx.tls:
+            argv.append("--no-tls")
         with log.open("ab") as fh:
             proc = node.popen(argv, label=f"{self.kind} server", stdout=fh, stderr=fh,
                               cwd=REPO_ROOT, env=_env())
@@ -70,6 +72,8 @@ class PythonTls(App):
                 "--ca", str(ctx.pki.ca_cert), "--out", str(received),
                 "--keylog", str(self.file(ctx, "client-keylog.txt")),
                 "--timeout", str(ctx.timeout_s)]
+        if not ctx.tls:
+            argv.append("--no-tls")
         if ctx.split_client_hello:
             argv += ["--split-client-hello", "--split-at", str(ctx.split_at),
                      "--split-steer", ctx.split_steer]

@@ -61,6 +61,9 @@ class AppSpec:
     split_client_hello: bool = False
     split_at: int | str = SPLIT_SNI_MIDDLE
     split_steer: str = "mp_prio"
+    # False (python app only): the same payload over the bare socket, no TLS. A control
+    # that shows what TLS protects against (a3_join_plain), never a setting to measure TLS.
+    tls: bool = True
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
     transports = tuple(transports_raw)
 
     app_f = Fields(top.raw("app"), file, "app", ("kind", "bytes", "sni", "port", "timeout_s",
-                                                 *APP_SPLIT_KEYS))
+                                                 "tls", *APP_SPLIT_KEYS))
     sni = app_f.str("sni", default="www.example.test", max_len=253)
     if not SNI_RE.match(sni):
         raise app_f.error("sni", f"{sni!r} is not a DNS name", "e.g. www.example.test")
@@ -166,6 +169,7 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
         sni=sni,
         port=app_f.integer("port", default=443, lo=1, hi=65535),
         timeout_s=app_f.number("timeout_s", default=30.0, lo=1, hi=MAX_TIMEOUT_S),
+        tls=_tls_option(app_f),
         **_split_options(app_f, transports),
     )
 
@@ -228,6 +232,20 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
 
 
 APP_SPLIT_KEYS = ("split_client_hello", "split_at", "split_steer")
+
+
+def _tls_option(app_f: Fields) -> bool:
+    """``app.tls``: only the python app may turn TLS off (a plaintext control)."""
+    tls = app_f.boolean("tls", True)
+    if not tls:
+        kind = app_f.raw("kind")
+        if kind != "python":
+            raise app_f.error("tls", f"the {kind!r} app always runs TLS"[:200],
+                              "use kind: python for a plaintext control, or remove 'tls'")
+        if app_f.boolean("split_client_hello", False):
+            raise app_f.error("tls", "split_client_hello splits a TLS ClientHello",
+                              "remove 'tls: false' or 'split_client_hello'")
+    return tls
 
 
 def _split_options(app_f: Fields, transports: tuple[str, ...]) -> dict[str, Any]:

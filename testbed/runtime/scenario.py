@@ -391,7 +391,8 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
                              payload=payload, payload_sha256=payload_sha,
                              timeout_s=pb.app.timeout_s,
                              split_client_hello=pb.app.split_client_hello,
-                             split_at=pb.app.split_at, split_steer=pb.app.split_steer)
+                             split_at=pb.app.split_at, split_steer=pb.app.split_steer,
+                             tls=pb.app.tls)
         with _recording(net, evidence_dir, ctx, evidence) as pcaps, \
                 _attacks(placed, net, transport, pb, evidence_dir, pcaps, say) as attacks:
             before = {name: snapshot_counters(node) for name, node in net.nodes.items()}

@@ -456,3 +456,31 @@ def test_utf8_file_loads(tmp_path: Path) -> None:
     data = base(description="Caf\u00e9 \u2014 \u7db2\u8def")
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     assert load_playbook(path).description == "Caf\u00e9 \u2014 \u7db2\u8def"
+
+
+# --- app.tls: the plaintext control (python app only) ------------------------------------
+def test_app_tls_defaults_true_and_python_may_turn_it_off() -> None:
+    assert parse(base()).app.tls is True
+    data = base()
+    data["app"] = {**data["app"], "kind": "python", "tls": False}
+    assert parse(data).app.tls is False
+
+
+@pytest.mark.parametrize("kind", ["nginx-curl", "openssl"])
+def test_app_tls_false_refused_for_other_apps(kind: str) -> None:
+    data = base()
+    data["app"] = {**data["app"], "kind": kind, "tls": False}
+    refused(data, "app.tls", kind, "python")
+
+
+def test_app_tls_must_be_a_boolean() -> None:
+    data = base()
+    data["app"] = {**data["app"], "kind": "python", "tls": "no"}
+    refused(data, "app.tls", "true or false")
+
+
+def test_app_tls_false_refuses_split_client_hello() -> None:
+    data = base()
+    data["app"] = {**data["app"], "kind": "python", "tls": False, "split_client_hello": True}
+    data["transports"] = ["mptcp"]
+    refused(data, "app.tls", "split_client_hello")
