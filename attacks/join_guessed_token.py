@@ -8,9 +8,13 @@ SYN/ACK) from a miss (a reset). A guessing attacker must receive the answers, so
 an address that routes back to it. Each miss is reset by the server with MP_TCPRST and
 counted as MPTcpExtMPJoinNoTokenFound; the victim's connection is untouched.
 
-The report gives the rate achieved and the expected time to hit a live token: with L live
-connections on the server, one random guess hits with probability L / 2^32, so the
-expected number of guesses is 2^32 / L.
+The SYNs go out through ``testbed.runtime.rawsend`` (packets built once; source port,
+sequence number and token patched in place; ``sendmmsg`` batches of 256 on a raw socket,
+from one pinned core: see ``attacks.mptcp_worker.op_guess``); each reset is matched to
+its guess by (source port, sequence). The report gives the rate achieved (attempts / the
+send loop's time) and the expected time to hit a live token: with L live connections on
+the server, one random guess hits with probability L / 2^32, so the expected number of
+guesses is 2^32 / L, and the time 2^32 / L / rate.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class JoinGuessedToken(ActiveMptcpAttack):
         attempts = int(self.values["attempts"])
         reply = self.ask({"op": "guess", "server": self.ctx.server_address,
                           "port": self.ctx.port, "attempts": attempts,
-                          "wait_s": 2.0 + attempts / 2000}, timeout=30 + attempts / 200)
+                          "wait_s": 2.0 + attempts / 10000}, timeout=30 + attempts / 1000)
         reply["live_connections"] = live
         rate = reply.get("rate_per_s")
         if rate:

