@@ -32,7 +32,7 @@ def test_missing_playbook_and_undeclared_parameter() -> None:
     assert "cannot read" in res.stderr
     res = run_cli("run", "playbooks/baseline.yaml", "--set", "nope=1")
     assert res.returncode == 2 and "params.nope" in res.stderr
-    assert "declared parameters: app, bytes" in res.stderr
+    assert "declared parameters: app, bytes, timeout_s" in res.stderr
 
 
 def test_list_json_names_everything() -> None:
