@@ -296,10 +296,23 @@ def stale_ledgers(state_dir: Path | None = None) -> list[Ledger]:
         try:
             ledger = Ledger.load(path)
         except (OSError, ValueError, TypeError):
+            _drop_if_empty(path)
             continue
         if not ledger.owner_alive():
             found.append(ledger)
     return found
+
+
+EMPTY_LEDGER_GRACE_S = 30.0
+
+
+def _drop_if_empty(path: Path) -> None:
+    """A run SIGKILLed between creating its ledger file (O_EXCL) and its first save leaves
+    an empty file that owns nothing; remove it once it is clearly not being written."""
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        if st.st_size == 0 and time.time() - st.st_mtime > EMPTY_LEDGER_GRACE_S:
+            path.unlink()
 
 
 def clean(state_dir: Path | None = None) -> list[str]:
