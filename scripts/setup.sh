@@ -19,7 +19,8 @@ PACKAGES=(mininet tcpdump tshark nginx-light openssl curl mptcpize iptables nfta
 # and the Vagrant provisioning write /etc/mptcp-testbed-vm): qemu and debootstrap for
 # `make vm-test`, vagrant and vagrant-libvirt for `vagrant validate` in the
 # test suite (about 19 MB download).
-VM_HOST_PACKAGES=(qemu-system-x86 qemu-utils debootstrap vagrant vagrant-libvirt)
+VM_HOST_PACKAGES=(qemu-system-x86 qemu-utils debootstrap debian-archive-keyring vagrant
+                  vagrant-libvirt)
 VM_MARKER=/etc/mptcp-testbed-vm
 # Commands those packages provide; used to check a machine that has no dpkg.
 COMMANDS=(mnexec tcpdump tshark nginx openssl curl mptcpize iptables nft ip tc socat
@@ -49,7 +50,24 @@ venv_works() { [ -x "$VENV/bin/python" ] &&
 
 if command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     wanted=("${PACKAGES[@]}")
-    [ -e "$VM_MARKER" ] || wanted+=("${VM_HOST_PACKAGES[@]}")
+    apt_opts=(-y -q -o DPkg::Lock::Timeout=120)
+    apt_updated=0
+    if [ ! -e "$VM_MARKER" ]; then
+        # The optional packages are looked up in the package lists: on a fresh machine
+        # they are empty until the first update.
+        if ! apt-cache policy mininet 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+            say "updating the package lists"
+            apt-get "${apt_opts[@]}" update >/dev/null
+            apt_updated=1
+        fi
+        for pkg in "${VM_HOST_PACKAGES[@]}"; do
+            # Optional: only where this machine's package sources have them (Ubuntu 24.04
+            # has no vagrant package: there it comes from HashiCorp, see the CI workflow).
+            if apt-cache policy "$pkg" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+                wanted+=("$pkg")
+            fi
+        done
+    fi
     # python3-venv only when a venv must be made and this Python cannot make one.
     if ! venv_works && ! "$PY" -m ensurepip --version >/dev/null 2>&1; then
         case "$(command -v "$PY")" in
@@ -79,8 +97,7 @@ if command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
             trap 'rm -f "$policy"' EXIT
         fi
         nginx_pid_before=$(cat /run/nginx.pid 2>/dev/null || true)
-        apt_opts=(-y -q -o DPkg::Lock::Timeout=120)
-        apt-get "${apt_opts[@]}" update >/dev/null
+        [ "$apt_updated" = 1 ] || apt-get "${apt_opts[@]}" update >/dev/null
         apt-get "${apt_opts[@]}" install --no-install-recommends "${missing[@]}" >/dev/null
         if [ "$made_policy" = 1 ]; then
             rm -f "$policy"
