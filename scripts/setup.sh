@@ -48,6 +48,14 @@ command -v "$PY" >/dev/null 2>&1 || not_ready "no Python interpreter '$PY':" \
 venv_works() { [ -x "$VENV/bin/python" ] &&
     "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
 
+# Whether the package lists offer a version of $1. (Not `apt-cache | grep -q`: with
+# pipefail, grep's early exit makes apt-cache die of SIGPIPE and the test fail at random.)
+has_candidate() {
+    local out
+    out=$(apt-cache policy "$1" 2>/dev/null) || return 1
+    [[ "$out" == *"Candidate: "[0-9]* ]]
+}
+
 if command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     wanted=("${PACKAGES[@]}")
     apt_opts=(-y -q -o DPkg::Lock::Timeout=120)
@@ -55,7 +63,7 @@ if command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
     if [ ! -e "$VM_MARKER" ]; then
         # The optional packages are looked up in the package lists: on a fresh machine
         # they are empty until the first update.
-        if ! apt-cache policy mininet 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        if ! has_candidate mininet; then
             say "updating the package lists"
             apt-get "${apt_opts[@]}" update >/dev/null
             apt_updated=1
@@ -63,7 +71,7 @@ if command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
         for pkg in "${VM_HOST_PACKAGES[@]}"; do
             # Optional: only where this machine's package sources have them (Ubuntu 24.04
             # has no vagrant package: there it comes from HashiCorp, see the CI workflow).
-            if apt-cache policy "$pkg" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+            if has_candidate "$pkg"; then
                 wanted+=("$pkg")
             fi
         done
