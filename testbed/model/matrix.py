@@ -306,7 +306,8 @@ def describe_facts(facts: dict[str, Any], transport: str) -> str:
     status = facts.get("status")
     if status is not None:
         if status == "ok" and facts.get("checksum_match"):
-            parts.append(f"the {facts.get('tls_version') or 'application'} transfer completed intact")
+            kind = facts.get("tls_version") or "application"
+            parts.append(f"the {kind} transfer completed intact")
         else:
             intact = "intact" if facts.get("checksum_match") else "incomplete"
             parts.append(f"the transfer ended as '{status}' with the data {intact}")
