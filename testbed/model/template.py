@@ -102,10 +102,31 @@ def _safe_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+_PLAIN = (str, int, float, bool, type(None), list, dict)
+
+
+def _plain_concat(values: Any) -> Any:
+    """jinja2's native concat, limited to YAML's kinds of values: it reads its result as a
+    Python literal, which would turn the text "..." into Ellipsis (or "1j" into a complex);
+    such text stays text."""
+    parts = list(values)
+    value = native_concat(p for p in parts)  # it chains its head back only onto a generator
+    if isinstance(value, _PLAIN):
+        return value
+    return "".join(str(p) for p in parts)
+
+
+class _PlainTemplate(NativeTemplate):  # type: ignore[misc]
+    def render(self, *args: Any, **kwargs: Any) -> Any:
+        # NativeTemplate.render concatenates with NativeEnvironment's concat; use ours.
+        ctx = self.new_context(dict(*args, **kwargs))
+        return _plain_concat(self.root_render_func(ctx))
+
+
 class _NativeSandbox(ImmutableSandboxedEnvironment):
     code_generator_class = NativeCodeGenerator
-    concat = staticmethod(native_concat)  # type: ignore[assignment]
-    template_class = NativeTemplate  # type: ignore[assignment]
+    concat = staticmethod(_plain_concat)  # type: ignore[assignment]
+    template_class = _PlainTemplate  # type: ignore[assignment]
     intercepted_binops = frozenset({"+", "-", "*", "/", "//", "%", "**"})
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
