@@ -26,7 +26,7 @@ from testbed.model.topology import (
     available_topologies,
     load_topology,
 )
-from testbed.model.validate import NAME_RE, Fields, load_yaml
+from testbed.model.validate import NAME_RE, Fields, load_yaml, template_context
 
 TRANSPORTS = ("tcp", "mptcp")
 APP_KINDS = ("python", "nginx-curl", "openssl")
@@ -125,16 +125,8 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
                    topology_dir: Path = TOPOLOGY_DIR) -> Playbook:
     data = load_yaml(text, file)
     top = Fields(data, file, "", TOP_KEYS)
-    defaults = top.mapping("params")
-    for key in defaults:
-        if not isinstance(key, str) or not NAME_RE.match(key):
-            raise top.error(f"params.{key}", "invalid parameter name",
-                            "use lower-case letters, digits and '_'")
-    for key in overrides:
-        if key not in defaults:
-            raise SpecError(file, f"params.{key}", "set on the command line but not declared",
-                            f"declared parameters: {', '.join(sorted(defaults)) or 'none'}")
-    context = {**defaults, **overrides}
+    context = template_context(top, overrides, "set on the command line but not declared",
+                               "declared parameters")
     # `sweep` lists parameter values (expand_sweeps); it is data, never a template.
     rendered = render_leaves({k: v for k, v in data.items() if k not in ("params", "sweep")},
                              context, file)

@@ -16,7 +16,7 @@ from typing import Any
 
 from testbed.errors import SpecError
 from testbed.model.template import render_leaves
-from testbed.model.validate import NAME_RE, Fields, load_yaml
+from testbed.model.validate import NAME_RE, Fields, load_yaml, template_context
 
 ROLES = ("client", "server", "router", "middlebox", "attacker")
 ALLOWED_POOLS = tuple(
@@ -126,16 +126,8 @@ def parse_topology(text: str, file: str, overrides: dict[str, Any]) -> TopologyS
     data = load_yaml(text, file)
     top = Fields(data, file, "", ("name", "description", "params", "nodes", "links", "pools",
                                   "primary_path", "middlebox_slots", "attach"))
-    defaults = top.mapping("params")
-    for key in defaults:
-        if not isinstance(key, str) or not NAME_RE.match(key):
-            raise top.error(f"params.{key}", "invalid parameter name",
-                            "use lower-case letters, digits and '_'")
-    for key in overrides:
-        if key not in defaults:
-            raise SpecError(file, f"params.{key}", "this topology has no such parameter",
-                            f"known parameters: {', '.join(sorted(defaults)) or 'none'}")
-    context = {**defaults, **overrides}
+    context = template_context(top, overrides, "this topology has no such parameter",
+                               "known parameters")
     rendered = render_leaves({k: v for k, v in data.items() if k != "params"}, context, file)
     top = Fields(rendered, file, "", top.data.keys())
 

@@ -160,3 +160,20 @@ class Fields:
         if len(value) > max_items:
             raise self.error(key, f"{len(value)} items, more than the limit of {max_items}")
         return value
+
+
+def template_context(top: Fields, overrides: dict[str, Any], unknown: str,
+                     known: str) -> dict[str, Any]:
+    """The jinja2 context of a spec: its ``params`` (names checked) overridden by
+    ``overrides``, each of which must be a declared parameter (``unknown``/``known``
+    word the error for the kind of file)."""
+    defaults = top.mapping("params")
+    for key in defaults:
+        if not isinstance(key, str) or not NAME_RE.match(key):
+            raise top.error(f"params.{key}", "invalid parameter name",
+                            "use lower-case letters, digits and '_'")
+    for key in overrides:
+        if key not in defaults:
+            raise SpecError(top.file, f"params.{key}", unknown,
+                            f"{known}: {', '.join(sorted(defaults)) or 'none'}")
+    return {**defaults, **overrides}
