@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -408,8 +409,15 @@ def main(argv: list[str] | None = None) -> int:
     _ORCHESTRATOR_PID = os.getpid()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    return _one_line_errors(lambda: int(args.func(args)),
+                            "everything the run created was released")
+
+
+def _one_line_errors(command: Callable[[], int], on_interrupt: str) -> int:
+    """Run ``command``; report a testbed error, an OS error or an interruption in one line
+    on stderr (never a traceback) with its exit status."""
     try:
-        return int(args.func(args))
+        return command()
     except TestbedError as exc:
         print(f"testbed: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -417,8 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"testbed: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"testbed: interrupted ({exc or 'SIGINT'}); everything the run created was "
-              "released", file=sys.stderr)
+        print(f"testbed: interrupted ({exc or 'SIGINT'}); {on_interrupt}", file=sys.stderr)
         return 130
 
 
@@ -428,18 +435,12 @@ def _main_remote(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    try:
+
+    def command() -> int:
         if remote.split_argv(argv) is None:
             raise remote.RemoteError("--host must come before the command, e.g. "
                                      "testbed --host vagrant@127.0.0.1 doctor")
         return remote.main(argv)
-    except TestbedError as exc:
-        print(f"testbed: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        print(f"testbed: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        print(f"testbed: interrupted ({exc or 'SIGINT'}); the remote run stops and releases "
-              "what it made when its SSH session closes", file=sys.stderr)
-        return 130
+
+    return _one_line_errors(command, "the remote run stops and releases what it made when "
+                            "its SSH session closes")
