@@ -4,55 +4,16 @@ own RST drop rule, and reading a line from a worker with a bound."""
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import select
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import attacks
-from testbed.errors import RuntimeFailure, StepTimeout
 from testbed.runtime.node import Node
+from testbed.runtime.worker import REPO_ROOT, read_line, start_worker, worker_env
 
-REPO_ROOT = Path(attacks.__file__).resolve().parents[1]
+__all__ = ["REPO_ROOT", "iptables", "read_line", "received_check", "start_worker",
+           "suppress_all", "worker_env"]
 # The attacker's own kernel answers segments it did not expect with RST (DESIGN.md §6).
 RST_DROP = ["OUTPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "DROP"]
-
-
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH"))
-                                        if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def start_worker(node: Node, module: str, config: dict[str, Any], label: str,
-                 stderr: Path) -> subprocess.Popen[str]:
-    """``python -m <module> '<json>'`` in ``node`` with stdin/stdout as text pipes."""
-    with stderr.open("ab") as err:
-        return node.popen([sys.executable, "-m", module, json.dumps(config)], label=label,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                          cwd=REPO_ROOT, env=worker_env(), text=True)
-
-
-def read_line(proc: subprocess.Popen[str], timeout_s: float, what: str) -> str:
-    """The worker's next stdout line, within ``timeout_s``."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise StepTimeout(f"{what}: no answer within {timeout_s}s")
-        ready, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeFailure(f"{what}: the worker exited ({proc.poll()})")
-            return line.strip()
 
 
 def iptables(node: Node, action: str, rule: list[str], *, check: bool = True) -> bool:

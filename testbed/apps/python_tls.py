@@ -8,12 +8,9 @@ The only app that sees the kernel's MPTCP view from inside the connection
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any, ClassVar
 
-import testbed
 from testbed.apps.base import (
     KILL_GRACE_S,
     App,
@@ -25,17 +22,10 @@ from testbed.apps.base import (
 )
 from testbed.model.outcome import AppOutcome
 from testbed.runtime.node import Node
+from testbed.runtime.worker import REPO_ROOT, worker_env
 
-REPO_ROOT = Path(testbed.__file__).resolve().parents[1]
 CLIENT_FIELDS = ("status", "tls_version", "cipher", "bytes_received", "sha256_received",
                  "duration_s", "handshake_s", "error", "mptcp", "extra")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def _peer(role: str) -> list[str]:
@@ -60,7 +50,7 @@ class PythonTls(App):
             argv.append("--no-tls")
         with log.open("ab") as fh:
             proc = node.popen(argv, label=f"{self.kind} server", stdout=fh, stderr=fh,
-                              cwd=REPO_ROOT, env=_env())
+                              cwd=REPO_ROOT, env=worker_env())
         wait_listening(node, proc, ctx.port, log, f"{self.kind} server")
         return ServerHandle(self.kind, node.name, proc, log, ctx.port)
 
@@ -79,7 +69,7 @@ class PythonTls(App):
                      "--split-steer", ctx.split_steer]
         code, elapsed = run_bounded(node, argv, label=f"{self.kind} client",
                                     timeout_s=ctx.timeout_s + KILL_GRACE_S, stdout=stdout,
-                                    stderr=stderr, env=_env(), cwd=REPO_ROOT)
+                                    stderr=stderr, env=worker_env(), cwd=REPO_ROOT)
         if code is None:
             return self.outcome(ctx, status="timeout", duration_s=elapsed,
                                 error=f"client killed after {elapsed:.1f}s "

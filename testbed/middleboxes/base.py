@@ -9,6 +9,14 @@ StrictUndefined and applied atomically inside the node's namespace, with
 Every iptables rule a middlebox adds carries a comment with the middlebox's marker (the
 run's tag, the path and the kind); every nft rule lives in a table of its own. Teardown
 deletes exactly those, so it is idempotent and also cleans up after a failed setup.
+
+A kind that needs a process (an NFQUEUE rewriter, a relay) starts it with
+``start_worker``: it runs in the slot node, is recorded in the run's ledger and is stopped
+by PID at teardown, after the rules that feed it are gone. A kind that sets
+``capture_upstream`` also gets a pcap of the slot node's server-facing interface (the
+per-path pcaps are taken on the client side), so the evidence shows a packet before and
+after the middlebox. ``finish`` turns the middlebox's own evidence, and the measured facts,
+into the report that playbooks check with ``expect: {middlebox: {kind: {field: value}}}``.
 """
 
 from __future__ import annotations
@@ -16,10 +24,12 @@ from __future__ import annotations
 import contextlib
 import re
 import shlex
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from jinja2 import StrictUndefined, TemplateError
@@ -28,6 +38,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from testbed.errors import RuntimeFailure, SpecError, TestbedError
 
 if TYPE_CHECKING:
+    from testbed.runtime.evidence import Capture
     from testbed.runtime.network import Network
     from testbed.runtime.node import Node
 
@@ -36,6 +47,7 @@ IPTABLES_TABLES = ("filter", "nat", "mangle", "raw")
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False,
                             keep_trailing_newline=True)
 _RULE_RE = re.compile(r"^-([AI])\s+(\S+)(\s+\d+)?(\s.*)?$")
+WORKER_READY_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,7 @@ class Middlebox:
     requires: ClassVar[frozenset[str]] = frozenset()
     backend: ClassVar[str] = "iptables"
     template: ClassVar[str] = ""
+    capture_upstream: ClassVar[bool] = False
 
     def __init__(self, path: str, values: dict[str, Any]) -> None:
         self.path = path
@@ -133,6 +146,11 @@ class Middlebox:
         self._threads: list[threading.Thread] = []
         self._stopped = False
         self.events: list[str] = []  # what happened at run time (timers), for the evidence
+        self.evidence_dir: Path | None = None  # set by the scenario before ``setup``
+        self.server_address = ""
+        self._workers: list[subprocess.Popen[str]] = []
+        self._capture: Capture | None = None
+        self.upstream_pcap: Path | None = None
 
     # -- validation ------------------------------------------------------------------------
     @classmethod
@@ -171,6 +189,9 @@ class Middlebox:
         self.node = node
         self.path = path
         self.marker = f"{net.ledger.tag}-mb-{path}-{self.kind}"
+        self.server_address = net.address(net.node_of_role("server").name)
+        if self.capture_upstream:
+            self._start_upstream_capture()
         text = self.render_rules(self.context(node, net))
         self.applied = text
         if text.strip():
@@ -184,6 +205,57 @@ class Middlebox:
             return
         self._tables |= {t[1:].strip() for t in text.splitlines() if t.startswith("*")}
         self.node.run(["iptables-restore", "-w", "5", "--noflush"], input=text)
+
+    # -- evidence files, processes and the upstream capture ---------------------------------
+    def evidence(self, suffix: str) -> Path:
+        """``middlebox-<path>-<kind>-<suffix>`` in the transport's evidence directory."""
+        if self.evidence_dir is None:
+            raise RuntimeFailure(f"middlebox {self.kind}: no evidence directory was given")
+        return self.evidence_dir / f"middlebox-{self.path}-{self.kind}-{suffix}"
+
+    def start_worker(self, module: str, config: dict[str, Any], label: str
+                     ) -> subprocess.Popen[str]:
+        """Start ``python -m module '<config>'`` in the slot node and wait for its
+        ``ready`` line; its stderr goes to the evidence (``<label>.log``)."""
+        from testbed.runtime.worker import read_line, start_worker
+
+        assert self.node is not None
+        proc = start_worker(self.node, module, config, f"{self.marker}-{label}",
+                            self.evidence(f"{label}.log"))
+        self._workers.append(proc)
+        line = read_line(proc, WORKER_READY_TIMEOUT_S, f"middlebox {self.kind} {label}")
+        if line != "ready":
+            raise RuntimeFailure(f"middlebox {self.kind} {label}: expected 'ready', got "
+                                 f"{line[:200]!r}")
+        return proc
+
+    def upstream_interface(self) -> str:
+        """The slot node's interface towards the server (from its routing table)."""
+        assert self.node is not None
+        out = self.node.run(["ip", "-o", "route", "get", self.server_address]).stdout.split()
+        if "dev" not in out:
+            raise RuntimeFailure(f"{self.node.name}: no route to {self.server_address}")
+        return out[out.index("dev") + 1]
+
+    def _start_upstream_capture(self) -> None:
+        from testbed.runtime.evidence import Capture
+
+        assert self.node is not None
+        self.upstream_pcap = self.evidence("upstream.pcap")
+        self._capture = Capture.start(self.node, self.upstream_interface(),
+                                      self.upstream_pcap, f"{self.marker}-capture",
+                                      bpf_filter="tcp")
+
+    def stop_recording(self) -> None:
+        """Stop the upstream capture (idempotent); called before the evidence is read."""
+        capture, self._capture = self._capture, None
+        if capture is not None:
+            capture.stop()
+
+    def finish(self, facts: dict[str, Any]) -> dict[str, Any]:
+        """The middlebox's report for the verdict (``facts['middlebox'][kind]``), from its
+        own evidence and the measured ``facts``; empty when it has nothing to report."""
+        return {}
 
     def on_transfer_start(self) -> None:
         """Called just before the client starts; time-based middleboxes arm here."""
@@ -260,6 +332,17 @@ class Middlebox:
         node = self.node
         if node is None or not self.marker:
             return
+        try:
+            self._remove_rules(node)
+        finally:
+            # After the rules: a queue or redirect without its worker must not be left.
+            for proc in self._workers:
+                with contextlib.suppress(Exception):
+                    node.stop(proc)
+            with contextlib.suppress(Exception):
+                self.stop_recording()
+
+    def _remove_rules(self, node: Node) -> None:
         if self.backend == "nft":
             if self.remaining_rules():
                 node.run(["nft", "delete", "table", "inet", self.nft_table])
@@ -276,6 +359,10 @@ class Middlebox:
                               *shlex.split(lines[0])[1:]])
             else:
                 raise RuntimeFailure(f"{node.name}: cannot remove the rules of {self.marker}")
+
+    def running_workers(self) -> list[int]:
+        """PIDs of this middlebox's processes still running (empty after teardown)."""
+        return [proc.pid for proc in self._workers if proc.poll() is None]
 
     def remaining_rules(self) -> list[str]:
         """Rules of this middlebox still present (empty after a good teardown)."""

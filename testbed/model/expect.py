@@ -19,7 +19,8 @@ COMPARE_RE = re.compile(r"^\s*(==|!=|>=|<=|>|<)\s*(-?\d+)\s*$")
 COUNTER_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{1,63}\Z")  # \Z: "$" accepts a trailing newline
 PATH_LIST_KEYS = ("paths_with_data", "sni_seen_on", "keys_seen_on")
 EXPECT_KEYS = ("status", "checksum_match", "tls_version", "subflows", "fallback",
-               *PATH_LIST_KEYS, "counters", "counters_during_attack", "attack", "qualified")
+               *PATH_LIST_KEYS, "counters", "counters_during_attack", "attack", "middlebox",
+               "qualified")
 # ``qualified: <condition>``: when every other expectation holds, the verdict is QUALIFIED
 # (the claim is true only under the condition stated) instead of CONFIRMED.
 QUALIFIED_LABEL = "qualified"
@@ -111,9 +112,10 @@ def parse_expectations(data: dict[str, Any], file: str, field: str,
                 raise SpecError(file, where, f"unknown path {unknown[0]!r}",
                                 f"paths of {topology.name}: {', '.join(sorted(paths))}")
             out.append(Expectation(key, sorted(set(value))))
-        elif key == "attack":
+        elif key in ("attack", "middlebox"):
+            # The report of an attack or middlebox kind: {kind: {field: value}}.
             if not isinstance(value, dict):
-                raise SpecError(file, where, "expected {attack kind: {field: value}}")
+                raise SpecError(file, where, f"expected {{{key} kind: {{field: value}}}}")
             for kind, fields in value.items():
                 if not isinstance(fields, dict) or not isinstance(kind, str):
                     raise SpecError(file, f"{where}.{kind}", "expected {field: value}")
@@ -161,8 +163,8 @@ def evaluate(expectations: list[Expectation], facts: dict[str, Any]) -> list[Che
             continue
         if exp.key in ("counters", "counters_during_attack"):
             measured = facts.get(exp.key, {}).get(exp.node, {}).get(exp.counter, 0)
-        elif exp.key == "attack":
-            report = facts.get("attack", {}).get(exp.node)
+        elif exp.key in ("attack", "middlebox"):
+            report = facts.get(exp.key, {}).get(exp.node)
             measured = None if report is None else report.get(exp.counter)
         else:
             measured = facts.get(exp.key)

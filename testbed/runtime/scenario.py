@@ -219,13 +219,15 @@ def _payload(ctx: RunContext, size: int) -> tuple[Path, str]:
 
 
 @contextlib.contextmanager
-def _middleboxes(pb: Playbook, net: Network, say: Progress) -> Iterator[list[Middlebox]]:
+def _middleboxes(pb: Playbook, net: Network, evidence_dir: Path, say: Progress
+                 ) -> Iterator[list[Middlebox]]:
     """Install the playbook's middleboxes in their slot nodes; remove them however the
     block ends (teardown also cleans up after a failed setup)."""
     boxes: list[Middlebox] = []
     try:
         for spec in pb.middleboxes:
             box = MIDDLEBOXES[spec.kind](spec.where, spec.params)
+            box.evidence_dir = evidence_dir
             boxes.append(box)
             node = net.nodes[net.spec.middlebox_slots[spec.where]]
             say(f"middlebox {spec.kind} on {spec.where} ({node.name})")
@@ -245,6 +247,9 @@ def _middleboxes(pb: Playbook, net: Network, say: Progress) -> Iterator[list[Mid
 def _middlebox_evidence(boxes: list[Middlebox], evidence_dir: Path, ctx: RunContext,
                         evidence: dict[str, str]) -> None:
     for box in boxes:
+        box.stop_recording()
+        if box.upstream_pcap is not None:
+            evidence[f"middlebox_pcap.{box.path}.{box.kind}"] = ctx.rel(box.upstream_pcap)
         path = evidence_dir / f"middlebox-{box.path}-{box.kind}.txt"
         path.write_text(box.report())
         evidence[f"middlebox.{box.path}.{box.kind}"] = ctx.rel(path)
@@ -381,7 +386,7 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
     topology, placed = _place_attackers(pb)
     taps = [tap for _spec, _att, tap in placed if tap is not None]
     with Network.up(topology, ctx.ledger, sysctls=sysctls, taps=taps) as net, \
-            _middleboxes(pb, net, say) as boxes:
+            _middleboxes(pb, net, evidence_dir, say) as boxes:
         timings["build_s"] = round(net.build_s, 3)
         client = net.node_of_role("client")
         server = net.node_of_role("server")
@@ -443,6 +448,9 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
 
     facts = derive_facts(transport=transport, outcome=outcome_json, counters=counters,
                          observers=observers, server=server.name, app_bytes=pb.app.bytes)
+    mb_reports = {box.kind: report for box in boxes if (report := box.finish(facts))}
+    if mb_reports:
+        facts["middlebox"] = mb_reports
     if placed:
         facts["attack"] = reports
         if mid is not None:
