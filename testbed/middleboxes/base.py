@@ -246,6 +246,13 @@ class Middlebox:
                                       self.upstream_pcap, f"{self.marker}-capture",
                                       bpf_filter="tcp")
 
+    def client_side_pcap(self) -> Path | None:
+        """The path's own pcap (taken on the slot node's client-facing side), if any."""
+        if self.evidence_dir is None:
+            return None
+        pcap = self.evidence_dir / f"{self.path}.pcap"
+        return pcap if pcap.exists() else None
+
     def stop_recording(self) -> None:
         """Stop the upstream capture (idempotent); called before the evidence is read."""
         capture, self._capture = self._capture, None

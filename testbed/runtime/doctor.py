@@ -30,9 +30,9 @@ from typing import Any
 # Stable capability keys, in the order the report lists them.
 CAPABILITIES: tuple[str, ...] = (
     "linux", "root", "kernel", "mptcp", "pm_kernel", "pm_userspace",
-    "netem", "tbf", "htb", "tcpoptstrip", "nfqueue", "nft_nat", "openvswitch",
+    "netem", "tbf", "htb", "tcpoptstrip", "tcpmss", "nfqueue", "nft_nat", "openvswitch",
     "mnexec", "tcpdump", "tshark", "nginx", "openssl", "curl", "mptcpize",
-    "iptables", "nft", "ip",
+    "iptables", "nft", "ip", "ethtool",
 )
 # Without these the testbed cannot run at all.
 ESSENTIAL: frozenset[str] = frozenset(
@@ -191,6 +191,7 @@ TOOLS: dict[str, ToolSpec] = {
     "iptables": ToolSpec("iptables", ("--version",), "iptables"),
     "nft": ToolSpec("nft", ("--version",), "nftables"),
     "ip": ToolSpec("ip", ("-V",), "iproute2"),
+    "ethtool": ToolSpec("ethtool", ("--version",), "ethtool"),
 }
 
 # Kernel features probed by configuring them in a throwaway namespace.
@@ -205,6 +206,7 @@ KERNEL_FEATURE: dict[str, tuple[str, str]] = {
     "tbf": ("CONFIG_NET_SCH_TBF", "sch_tbf"),
     "htb": ("CONFIG_NET_SCH_HTB", "sch_htb"),
     "tcpoptstrip": ("CONFIG_NETFILTER_XT_TARGET_TCPOPTSTRIP", "xt_TCPOPTSTRIP"),
+    "tcpmss": ("CONFIG_NETFILTER_XT_TARGET_TCPMSS", "xt_TCPMSS"),
     "nfqueue": ("CONFIG_NETFILTER_XT_TARGET_NFQUEUE", "xt_NFQUEUE"),
     "nft_nat": ("CONFIG_NFT_NAT, CONFIG_NFT_MASQ", "nft_masq"),
     "openvswitch": ("CONFIG_OPENVSWITCH", "openvswitch"),
@@ -395,6 +397,11 @@ class Prober:
             "tcpoptstrip", ["-t", "mangle", "-A", "POSTROUTING", "-p", "tcp", "-j",
                             "TCPOPTSTRIP", "--strip-options", "30"], "TCPOPTSTRIP")
 
+    def tcpmss(self) -> Check:
+        return self.iptables_target(
+            "tcpmss", ["-t", "mangle", "-A", "FORWARD", "-p", "tcp", "--tcp-flags", "SYN,RST",
+                       "SYN", "-j", "TCPMSS", "--set-mss", "536"], "TCPMSS")
+
     def nfqueue(self) -> Check:
         return self.iptables_target(
             "nfqueue", ["-t", "mangle", "-A", "FORWARD", "-p", "tcp", "-j", "NFQUEUE",
@@ -449,6 +456,7 @@ class Prober:
             (("mptcp",), one(self.mptcp)),
             (("pm_kernel", "pm_userspace"), self.path_managers),
             (("tcpoptstrip",), one(self.tcpoptstrip)),
+            (("tcpmss",), one(self.tcpmss)),
             (("nfqueue",), one(self.nfqueue)),
             (("nft_nat",), one(self.nft_nat)),
             (("openvswitch",), one(self.openvswitch)),

@@ -183,6 +183,12 @@ class BrokenStrip(StripMpCapable):
 XTABLES = {f"table ip {t}" for t in ("filter", "nat", "mangle", "raw")}
 
 
+def offloads(node: Node, net: Network) -> dict[str, str]:
+    """``ethtool -k`` of each of the node's planned interfaces."""
+    return {i.ifname: node.run(["ethtool", "-k", i.ifname]).stdout
+            for i in net.plan.interfaces[node.name]}
+
+
 def node_rules(node: Node) -> list[str]:
     """Every rule in the node (iptables and nft), and every nft table besides the empty
     built-in ones iptables-nft creates on first use (those stay; their rules go)."""
@@ -201,22 +207,28 @@ def test_teardown_removes_every_rule_and_is_idempotent(tmp_path: Path) -> None:
             for path in ("wifi", "cell"):
                 node = net.nodes[net.spec.middlebox_slots[path]]
                 clean = node_rules(node)
+                clean_offloads = offloads(node, net)
                 boxes: list[Middlebox] = []
                 for kind, cls in MIDDLEBOXES.items():
                     params = {"after_s": 0.0} if kind == "blackhole" else {}
                     box = cls(path, cls.validate(params, "t", "m"))
+                    box.evidence_dir = tmp_path / path
+                    box.evidence_dir.mkdir(exist_ok=True)
                     box.setup(node, net, path)
                     box.on_transfer_start()
                     boxes.append(box)
                 assert all(b.remaining_rules() for b in boxes)
                 assert clean == [] and len(node_rules(node)) >= len(boxes)
+                assert offloads(node, net) != clean_offloads  # resegment turned them off
                 for box in boxes:
                     box.teardown()
-                    assert box.remaining_rules() == []
+                    assert box.remaining_rules() == [] and box.running_workers() == []
                     box.teardown()  # idempotent
                 assert node_rules(node) == clean
+                assert offloads(node, net) == clean_offloads
                 # A setup that fails half way leaves nothing after teardown either.
                 broken = BrokenStrip(path, BrokenStrip.validate({}, "t", "m"))
+                broken.evidence_dir = tmp_path / path
                 with pytest.raises(RuntimeFailure):
                     broken.setup(node, net, path)
                 broken.teardown()
@@ -224,6 +236,7 @@ def test_teardown_removes_every_rule_and_is_idempotent(tmp_path: Path) -> None:
                 # A blackhole torn down before its trigger (no data crossed the path)
                 # never inserts its DROP rule.
                 late = MIDDLEBOXES["blackhole"](path, {"after_s": 0.0})
+                late.evidence_dir = tmp_path / path
                 late.setup(node, net, path)
                 late.on_transfer_start()
                 time.sleep(0.5)
@@ -233,3 +246,32 @@ def test_teardown_removes_every_rule_and_is_idempotent(tmp_path: Path) -> None:
     finally:
         ledger.release_all()
         ledger.close()
+
+
+def test_resegment(tmp_path: Path) -> None:
+    transports, run_dir = run(tmp_path, "resegment")
+    for transport, tr in transports.items():
+        assert tr.verdict.value == "CONFIRMED", (transport, tr.reason, tr.checks)
+    mptcp = transports["mptcp"]
+    assert mptcp.outcome is not None and mptcp.outcome["mptcp"]["subflows"] >= 1
+    assert not mptcp.outcome["mptcp"].get("fallback")
+    # Independent of the middlebox's own report: the server's SYN/ACK reaches the client
+    # with the clamped MSS, and every data segment the client received on Wi-Fi fits it.
+    wifi = run_dir / mptcp.evidence["pcap.wifi"]
+    synack_mss = sh("tshark", "-n", "-r", str(wifi), "-Y",
+                    "tcp.flags.syn == 1 && tcp.flags.ack == 1", "-T", "fields",
+                    "-e", "tcp.options.mss_val").split()
+    assert synack_mss and set(synack_mss) == {"536"}
+    sizes = [int(x) for x in sh("tshark", "-n", "-r", str(wifi), "-Y", "tcp.len > 0 && "
+                                "tcp.srcport == 443", "-T", "fields", "-e", "tcp.len").split()]
+    assert len(sizes) > 1000 and max(sizes) <= 536
+    # The SYN left the box with MSS 536 (upstream pcap) after leaving the client with more,
+    # and kept its MP_CAPABLE option: resegmenting is not stripping.
+    upstream = run_dir / mptcp.evidence["middlebox_pcap.wifi.resegment"]
+    rows = sh("tshark", "-n", "-r", str(upstream), "-Y", "tcp.flags.syn == 1 && "
+              "tcp.flags.ack == 0", "-T", "fields", "-e", "tcp.options.mss_val",
+              "-e", "tcp.option_kind").splitlines()
+    assert rows and all(r.split("\t")[0] == "536" and "30" in r.split("\t")[1].split(",")
+                        for r in rows)
+    report = mb_report(run_dir, mptcp, "wifi", "resegment")
+    assert "'gro': 'off'" in report and rule_packets(report, "TCPMSS") >= 1

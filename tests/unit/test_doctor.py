@@ -178,7 +178,7 @@ def test_timeout_is_reported_not_raised(tmp_path: Path) -> None:
 
 def test_namespace_probes_need_root(tmp_path: Path) -> None:
     p, runner = prober(tmp_path, is_root=False)
-    for c in (p.qdisc("tbf"), p.tcpoptstrip(), p.nfqueue(), p.nft_nat()):
+    for c in (p.qdisc("tbf"), p.tcpoptstrip(), p.tcpmss(), p.nfqueue(), p.nft_nat()):
         assert not c.ok and c.detail == "needs root to probe in a throwaway namespace"
     assert runner.calls == []
 
@@ -188,7 +188,7 @@ def test_iptables_and_nft_probes(tmp_path: Path) -> None:
                                                       "by that name.")})
     c = p.tcpoptstrip()
     assert not c.ok and "No chain/target/match" in c.detail
-    assert p.nfqueue().ok
+    assert p.nfqueue().ok and p.tcpmss().ok
     assert p.nft_nat().ok
     assert ["unshare", "--net", "--", "nft", "-f", "-"] in runner.calls
 
