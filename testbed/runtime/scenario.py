@@ -438,10 +438,13 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
     evidence["app_outcome"] = ctx.rel(outcome_path)
 
     say("analysing captures with tshark")
-    observers: dict[str, dict[str, Any]] = {}
-    for path, pcap in pcaps.items():
-        observers[path] = summarize_pcap(pcap, sni=pb.app.sni, server_addresses=[server_addr],
-                                         total_app_bytes=pb.app.bytes)
+    # One tshark per pcap, side by side (separate processes: they use both cores).
+    with ThreadPoolExecutor(max_workers=max(1, len(pcaps))) as pool:
+        futures = {path: pool.submit(summarize_pcap, pcap, sni=pb.app.sni,
+                                     server_addresses=[server_addr],
+                                     total_app_bytes=pb.app.bytes)
+                   for path, pcap in pcaps.items()}
+        observers: dict[str, dict[str, Any]] = {path: f.result() for path, f in futures.items()}
     observers_path = evidence_dir / "observers.json"
     observers_path.write_text(json.dumps(observers, indent=1))
     evidence["observers"] = ctx.rel(observers_path)
