@@ -46,13 +46,14 @@ def test_defaults_filled_in() -> None:
     assert Blackhole.validate({"after_s": 2}, "f", "m") == {"after_s": 2.0}
 
 
-def test_remove_mode_refused_as_not_implemented() -> None:
-    with pytest.raises(SpecError) as err:
-        parse("{kind: strip_mp_capable, path: wifi, mode: remove}")
-    assert err.value.file == "mb.yaml"
-    assert err.value.field == "middleboxes[0].mode"
-    assert "not implemented" in err.value.problem
-    assert "nop" in err.value.fix
+def test_remove_mode_queues_the_handshake_to_the_worker() -> None:
+    pb = parse("{kind: strip_mp_capable, path: wifi, mode: remove, direction: both}")
+    assert pb.middleboxes[0].params == {"mode": "remove", "direction": "both"}  # type: ignore[attr-defined]
+    b = box(StripMpCapable, mode="remove", direction="both")
+    rules = [ln for ln in b.render_rules(ctx(b, queue=30)).splitlines() if ln.startswith("-A")]
+    assert len(rules) == 2
+    assert all(r.endswith("-j NFQUEUE --queue-num 30 --queue-bypass") for r in rules)
+    assert StripMpCapable.requires >= {"nfqueue", "tcpoptstrip"}
 
 
 @pytest.mark.parametrize("entry, field, words", [
@@ -63,7 +64,7 @@ def test_remove_mode_refused_as_not_implemented() -> None:
     ("{kind: blackhole, path: wifi, after_s: -1}", "middleboxes[0].after_s", ["0.0..600.0"]),
     ("{kind: blackhole, path: wifi, after_s: true}", "middleboxes[0].after_s", ["float"]),
     ("{kind: nat, path: cell, colour: red}", "middleboxes[0].colour", ["mode", "random_ports"]),
-    ("{kind: nat, path: core}", "middleboxes[0].path", ["no middlebox slot", "cell, wifi"]),
+    ("{kind: nat, path: lte}", "middleboxes[0].path", ["'lte' is not allowed"]),
     ("{kind: firewall, path: wifi}", "middleboxes[0].kind", ["blackhole", "nat"]),
 ])
 def test_bad_params_name_field_and_allowed_values(entry: str, field: str,
