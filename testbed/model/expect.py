@@ -8,7 +8,7 @@ what was measured, so a verdict always carries its reasons.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from testbed.errors import SpecError
@@ -20,10 +20,16 @@ COUNTER_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{1,63}\Z")  # \Z: "$" accepts a tr
 PATH_LIST_KEYS = ("paths_with_data", "sni_seen_on", "keys_seen_on")
 EXPECT_KEYS = ("status", "checksum_match", "tls_version", "subflows", "fallback",
                *PATH_LIST_KEYS, "counters", "counters_during_attack", "attack", "middlebox",
-               "qualified")
+               "qualified", "qualified_when")
 # ``qualified: <condition>``: when every other expectation holds, the verdict is QUALIFIED
 # (the claim is true only under the condition stated) instead of CONFIRMED.
 QUALIFIED_LABEL = "qualified"
+# ``qualified_when: {<check label>: {<measured value>: <condition>}}``: a check that fails
+# with one of the listed measured values makes the verdict QUALIFIED with that condition
+# (the claim holds only in a weaker form the measurement itself identified), not REFUTED;
+# any other failure still refutes. E.g. an outcome classified by a middlebox's report.
+QUALIFIED_WHEN = "qualified_when"
+CONDITION_MAX = 500
 FIELD_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}\Z")
 
 
@@ -33,6 +39,8 @@ class Expectation:
     expected: Any  # str, bool, sorted list of paths, or (op, number)
     node: str = ""  # for counters
     counter: str = ""
+    # (measured value, condition) pairs of ``qualified_when`` for this check.
+    qualified_when: tuple[tuple[str | int | bool, str], ...] = ()
 
     @property
     def label(self) -> str:
@@ -51,10 +59,15 @@ class Check:
     expected: str
     measured: Any
     ok: bool
+    # The condition ``qualified_when`` gives for this failed check's measured value.
+    qualified: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"check": self.label, "expected": self.expected, "measured": self.measured,
-                "ok": self.ok}
+        out = {"check": self.label, "expected": self.expected, "measured": self.measured,
+               "ok": self.ok}
+        if self.qualified:
+            out["qualified_when"] = self.qualified
+        return out
 
 
 def _compare(value: Any, file: str, field: str) -> tuple[str, int]:
@@ -72,6 +85,40 @@ def _compare(value: Any, file: str, field: str) -> tuple[str, int]:
                     "write e.g. 2 or '>=1' or '==0'")
 
 
+def _condition(value: Any, file: str, field: str) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > CONDITION_MAX:
+        raise SpecError(file, field, "expected the condition under which the claim holds, "
+                        f"as text of at most {CONDITION_MAX} characters")
+    return " ".join(value.split())
+
+
+def _qualified_when(value: Any, out: list[Expectation], file: str, where: str
+                    ) -> list[Expectation]:
+    """Attach ``qualified_when`` entries to the expectations they name (by check label)."""
+    if not isinstance(value, dict) or not value:
+        raise SpecError(file, where, "expected {check label: {measured value: condition}}",
+                        "e.g. {middlebox.strip_mptcp_after.outcome: "
+                        "{subflow_reset_continue: 'another subflow kept the connection'}}")
+    labels = {exp.label: i for i, exp in enumerate(out) if exp.key != QUALIFIED_LABEL}
+    for label, cases in value.items():
+        at = f"{where}.{label}"
+        if label not in labels:
+            raise SpecError(file, at, "names no expectation of this transport",
+                            f"check labels here: {', '.join(sorted(labels)) or 'none'}")
+        if not isinstance(cases, dict) or not cases:
+            raise SpecError(file, at, "expected {measured value: condition}")
+        pairs: list[tuple[str | int | bool, str]] = []
+        for measured, text in cases.items():
+            if not isinstance(measured, str | int | bool) or (
+                    isinstance(measured, str) and not measured.strip()):
+                raise SpecError(file, f"{at}.{measured}", "not a measured value",
+                                "a text, number or true/false, as the check measures it")
+            pairs.append((measured, _condition(text, file, f"{at}.{measured}")))
+        exp = out[labels[label]]
+        out[labels[label]] = replace(exp, qualified_when=exp.qualified_when + tuple(pairs))
+    return out
+
+
 def parse_expectations(data: dict[str, Any], file: str, field: str,
                        topology: TopologySpec) -> list[Expectation]:
     out: list[Expectation] = []
@@ -82,11 +129,10 @@ def parse_expectations(data: dict[str, Any], file: str, field: str,
         if key not in EXPECT_KEYS:
             raise SpecError(file, where, "unknown expectation",
                             f"allowed: {', '.join(EXPECT_KEYS)}")
+        if key == QUALIFIED_WHEN:
+            continue  # after the loop: it refers to the other expectations
         if key == QUALIFIED_LABEL:
-            if not isinstance(value, str) or not value.strip() or len(value) > 500:
-                raise SpecError(file, where, "expected the condition under which the claim "
-                                "holds, as text of at most 500 characters")
-            out.append(Expectation(key, " ".join(value.split())))
+            out.append(Expectation(key, _condition(value, file, where)))
         elif key == "status":
             if value not in STATUSES:
                 raise SpecError(file, where, f"{value!r} is not an outcome status",
@@ -147,7 +193,17 @@ def parse_expectations(data: dict[str, Any], file: str, field: str,
                                         "not a counter name", "e.g. MPTcpExtMPJoinAckRx")
                     out.append(Expectation(key, _compare(cmp, file, f"{where}.{node}.{counter}"),
                                            node=str(node), counter=counter))
+    if QUALIFIED_WHEN in data:
+        out = _qualified_when(data[QUALIFIED_WHEN], out, file, f"{field}.{QUALIFIED_WHEN}")
     return out
+
+
+def _listed(measured: Any, pairs: tuple[tuple[str | int | bool, str], ...]) -> str:
+    """The condition for ``measured`` (same type and value: true is not 1), or ''."""
+    for value, text in pairs:
+        if type(value) is type(measured) and value == measured:
+            return text
+    return ""
 
 
 _OPS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, ">=": lambda a, b: a >= b,
@@ -175,5 +231,6 @@ def evaluate(expectations: list[Expectation], facts: dict[str, Any]) -> list[Che
             ok = isinstance(measured, list) and sorted(measured) == exp.expected
         else:
             ok = measured == exp.expected
-        checks.append(Check(exp.label, exp.describe(), measured, ok))
+        qualified = "" if ok else _listed(measured, exp.qualified_when)
+        checks.append(Check(exp.label, exp.describe(), measured, ok, qualified))
     return checks

@@ -96,15 +96,25 @@ class RunResult:
 
 def verdict_from_checks(checks: list[Check]) -> tuple[Verdict, str]:
     """CONFIRMED when every check holds; QUALIFIED instead when the playbook states, with
-    ``expect: {qualified: <condition>}``, that the claim holds only under a condition."""
+    ``expect: {qualified: <condition>}``, that the claim holds only under a condition, or
+    when every failed check measured a value its ``qualified_when`` lists (the condition
+    comes from the measurement); REFUTED when any other check fails."""
     qualified = [c for c in checks if c.label == QUALIFIED_LABEL]
     checks = [c for c in checks if c.label != QUALIFIED_LABEL]
     failed = [c for c in checks if not c.ok]
     if not checks:
         return Verdict.INCONCLUSIVE, "the playbook states no expectation for this transport"
-    if failed:
+    refuting = [c for c in failed if not c.qualified]
+    if refuting:
         return Verdict.REFUTED, "; ".join(
-            f"{c.label}: expected {c.expected}, measured {c.measured!r}" for c in failed)
+            f"{c.label}: expected {c.expected}, measured {c.measured!r}" for c in refuting)
+    if failed:
+        conditions = [c.expected for c in qualified] + [
+            f"{c.qualified} ({c.label}: measured {c.measured!r}, expected {c.expected})"
+            for c in failed]
+        return Verdict.QUALIFIED, (f"{'; '.join(conditions)} (the other "
+                                   f"{len(checks) - len(failed)} expectations measured to "
+                                   "hold)")
     if qualified:
         return Verdict.QUALIFIED, (f"{qualified[0].expected} (all {len(checks)} "
                                    "expectations measured to hold)")
