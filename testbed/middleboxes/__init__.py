@@ -11,10 +11,12 @@ from testbed.middleboxes.base import Middlebox, ParamSpec
 from testbed.middleboxes.blackhole import Blackhole
 from testbed.middleboxes.drop_mptcp_syn import DropMptcpSyn
 from testbed.middleboxes.nat import Nat
+from testbed.middleboxes.proxy import MptcpProxy, TcpProxy
 from testbed.middleboxes.resegment import Resegment
 from testbed.middleboxes.strip_mp_capable import StripMpCapable
 
 MIDDLEBOXES: dict[str, type[Middlebox]] = {
-    cls.kind: cls for cls in (Nat, StripMpCapable, DropMptcpSyn, Blackhole, Resegment)}
+    cls.kind: cls for cls in (Nat, StripMpCapable, DropMptcpSyn, Blackhole, Resegment,
+                              TcpProxy, MptcpProxy)}
 
 __all__ = ["MIDDLEBOXES", "Middlebox", "ParamSpec"]

@@ -39,6 +39,16 @@ class Attachment:
     path: str | None = None
 
 
+def access_routers(spec: TopologySpec) -> dict[str, str]:
+    """The middlebox slots that are access routers: ``{path: router}`` for each slot node
+    linked to a client on its path. A slot elsewhere (e.g. ``core`` in dual_path, where the
+    paths meet) hosts middleboxes but is no place for a tap or an on-path attacker."""
+    clients = {n.name for n in spec.nodes if n.role == "client"}
+    return {path: router for path, router in spec.middlebox_slots.items()
+            if any(lk.path == path and router in (lk.a, lk.b) and {lk.a, lk.b} & clients
+                   for lk in spec.links)}
+
+
 def attach(spec: TopologySpec, position: str,
            path: str | None = None) -> tuple[TopologySpec, Attachment, Tap | None]:
     """Return ``spec`` extended with one attacker node at ``position``."""
@@ -47,10 +57,11 @@ def attach(spec: TopologySpec, position: str,
                         f"allowed values: {', '.join(POSITIONS)}")
     names = {n.name for n in spec.nodes}
     if position in ("tap", "on_path"):
-        if path not in spec.middlebox_slots:
+        routers = access_routers(spec)
+        if path not in routers:
             raise SpecError(spec.source, "attacks.path", f"no access router for path {path!r}",
-                            f"paths with one: {', '.join(sorted(spec.middlebox_slots))}")
-        router = spec.middlebox_slots[path]
+                            f"paths with one: {', '.join(sorted(routers))}")
+        router = routers[path]
         observed = _client_neighbour(spec, router, path)
         name = _free(f"{'tap' if position == 'tap' else 'onpath'}_{path}"[:16], names)
         link = LinkSpec(a=router, b=name, path=path)

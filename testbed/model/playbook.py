@@ -17,6 +17,7 @@ from typing import Any
 from attacks import ATTACKS
 from testbed.errors import SpecError
 from testbed.middleboxes import MIDDLEBOXES
+from testbed.model.attachments import access_routers
 from testbed.model.claims import CLAIMS
 from testbed.model.expect import EXPECT_KEYS, Expectation, parse_expectations
 from testbed.model.template import render_leaves
@@ -182,10 +183,10 @@ def parse_playbook(text: str, file: str, overrides: dict[str, Any],
                             f"{attack.where!r}", f"allowed values: {', '.join(cls.positions)}")
         if attack.where in ("tap", "on_path"):
             path = attack.params.get("path")
-            if not isinstance(path, str) or path not in topology.middlebox_slots:
+            routers = access_routers(topology)
+            if not isinstance(path, str) or path not in routers:
                 raise top.error(f"{where}.path", f"{path!r} is not a path with an access "
-                                "router", "allowed values: "
-                                f"{', '.join(sorted(topology.middlebox_slots))}")
+                                "router", f"allowed values: {', '.join(sorted(routers))}")
         elif "path" in attack.params:
             raise top.error(f"{where}.path", f"position {attack.where} takes no path",
                             "remove 'path'")

@@ -6,7 +6,7 @@ import pytest
 
 from testbed.errors import SpecError
 from testbed.model.addressing import plan_addresses
-from testbed.model.attachments import attach
+from testbed.model.attachments import access_routers, attach
 from testbed.model.topology import load_topology
 
 
@@ -40,8 +40,21 @@ def test_two_attachments_get_distinct_names() -> None:
 
 
 @pytest.mark.parametrize(("position", "path", "field"), [
-    ("nowhere", None, "attacks.position"), ("tap", "satellite", "attacks.path")])
+    ("nowhere", None, "attacks.position"), ("tap", "satellite", "attacks.path"),
+    ("tap", "core", "attacks.path"), ("on_path", "core", "attacks.path")])
 def test_bad_positions_are_refused(position: str, path: str | None, field: str) -> None:
     with pytest.raises(SpecError) as err:
         attach(load_topology("dual_path"), position, path)
     assert err.value.field == field
+
+
+def test_a_slot_that_is_not_an_access_router_hosts_no_tap() -> None:
+    # core is the middlebox slot of path core (where the paths meet), not an access router:
+    # a tap or on-path attacker there is refused, naming the paths that have one.
+    spec = load_topology("dual_path")
+    assert spec.middlebox_slots["core"] == "core"
+    assert access_routers(spec) == {"wifi": "wifi_ap", "cell": "cell_gw"}
+    with pytest.raises(SpecError) as err:
+        attach(spec, "on_path", "core")
+    assert "no access router for path 'core'" in str(err.value)
+    assert "cell, wifi" in str(err.value)

@@ -31,7 +31,8 @@ def parse(entry: str) -> object:
 
 
 def test_registry_and_playbook_kinds() -> None:
-    assert set(MIDDLEBOXES) == {"nat", "strip_mp_capable", "drop_mptcp_syn", "blackhole"}
+    assert set(MIDDLEBOXES) >= {"nat", "strip_mp_capable", "drop_mptcp_syn", "blackhole",
+                                "tcp_proxy", "mptcp_proxy"}
     assert set(MIDDLEBOX_KINDS) >= set(MIDDLEBOXES)
     for kind, cls in MIDDLEBOXES.items():
         assert cls.kind == kind and cls.description and cls.requires

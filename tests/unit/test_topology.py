@@ -87,7 +87,7 @@ def test_dual_path_is_available_and_loads() -> None:
     assert spec.primary_path == "wifi"
     assert {p: str(n) for p, n in spec.pools.items()} == {
         "wifi": "198.51.100.0/24", "cell": "100.64.0.0/24", "core": "203.0.113.0/24"}
-    assert spec.middlebox_slots == {"wifi": "wifi_ap", "cell": "cell_gw"}
+    assert spec.middlebox_slots == {"wifi": "wifi_ap", "cell": "cell_gw", "core": "core"}
     assert spec.attach == {"off_path": "core", "half_on_path": "core"}
     assert [n.name for n in spec.by_role("router")] == ["wifi_ap", "cell_gw", "core"]
     assert spec.node("server").role == "server"
