@@ -30,17 +30,14 @@ if TYPE_CHECKING:
 RELAY_MODULE = "testbed.middleboxes._relay_worker"
 
 
-class TcpProxy(Middlebox):
-    kind = "tcp_proxy"
-    description = ("transparent TCP-terminating proxy without MPTCP: REDIRECT of the app's "
-                   "flows to a plain-TCP relay in the slot node, which connects to the "
-                   "original destination (SO_ORIGINAL_DST) with plain TCP")
-    mptcp_listener: ClassVar[bool] = False
-    params: ClassVar[dict[str, ParamSpec]] = {
+def proxy_params(listen_port: int) -> dict[str, ParamSpec]:
+    """The parameters of a proxy kind; each kind has its own default listener port, so
+    both kinds can sit in one node."""
+    return {
         "port": ParamSpec("port", int, 443,
                           "destination port of the flows to relay (the app's port)",
                           lo=1, hi=65535),
-        "listen_port": ParamSpec("listen_port", int, 15001,
+        "listen_port": ParamSpec("listen_port", int, listen_port,
                                  "port of the relay's listener in the slot node", lo=1024,
                                  hi=65535),
         "idle_timeout_s": ParamSpec("idle_timeout_s", float, 30.0,
@@ -50,6 +47,15 @@ class TcpProxy(Middlebox):
                                      "connections relayed at once; more are refused",
                                      lo=1, hi=256),
     }
+
+
+class TcpProxy(Middlebox):
+    kind = "tcp_proxy"
+    description = ("transparent TCP-terminating proxy without MPTCP: REDIRECT of the app's "
+                   "flows to a plain-TCP relay in the slot node, which connects to the "
+                   "original destination (SO_ORIGINAL_DST) with plain TCP")
+    mptcp_listener: ClassVar[bool] = False
+    params: ClassVar[dict[str, ParamSpec]] = proxy_params(15001)
     requires = frozenset({"iptables"})
     capture_upstream = True
     template = """\
@@ -131,3 +137,4 @@ class MptcpProxy(TcpProxy):
                    "flows, MP_JOINs included, to an IPPROTO_MPTCP relay; plain TCP to the "
                    "server. Put it where every path passes (dual_path: path core)")
     mptcp_listener = True
+    params: ClassVar[dict[str, ParamSpec]] = proxy_params(15002)
