@@ -13,10 +13,11 @@ from testbed.middleboxes.drop_mptcp_syn import DropMptcpSyn
 from testbed.middleboxes.nat import Nat
 from testbed.middleboxes.proxy import MptcpProxy, TcpProxy
 from testbed.middleboxes.resegment import Resegment
+from testbed.middleboxes.strip_after import StripMptcpAfter
 from testbed.middleboxes.strip_mp_capable import StripMpCapable
 
 MIDDLEBOXES: dict[str, type[Middlebox]] = {
     cls.kind: cls for cls in (Nat, StripMpCapable, DropMptcpSyn, Blackhole, Resegment,
-                              TcpProxy, MptcpProxy)}
+                              TcpProxy, MptcpProxy, StripMptcpAfter)}
 
 __all__ = ["MIDDLEBOXES", "Middlebox", "ParamSpec"]

@@ -159,12 +159,12 @@ def main() -> int:
                     continue
                 queue.verdict(pkt_id, new[0])
                 st["stripped"] += 1
-                sport, dport, seq = struct.unpack_from("!HHI", pkt, ihl)
+                sport, dport, seq, ack = struct.unpack_from("!HHII", pkt, ihl)
                 out.write(json.dumps({
                     "event": "strip", "time": time.time(), "direction": direction,
                     "flags": flag_text(pkt[ihl + 13]), "src": socket.inet_ntoa(pkt[12:16]),
                     "dst": socket.inet_ntoa(pkt[16:20]), "sport": sport, "dport": dport,
-                    "seq": seq, "payload": payload, "mode": cfg["mode"],
+                    "seq": seq, "ack": ack, "payload": payload, "mode": cfg["mode"],
                     "hdr_len_before": new[1], "hdr_len_after": new[2]}) + "\n")
                 out.flush()
         finally:

@@ -72,3 +72,43 @@ def test_selector_counts_per_direction() -> None:
     assert [sel.select("c2s", 0) for _ in range(3)] == [(False, False), (False, False),
                                                           (True, True)]
     assert sel.stats["c2s"]["segments"] == 3 and sel.stats["s2c"]["segments"] == 0
+
+
+def test_strip_after_classify() -> None:
+    from testbed.middleboxes.strip_after import classify
+
+    base = {"stripped": 10, "with_option": 50, "ok": True, "status": "ok",
+            "fell_back": False, "reset": False, "other_path_bytes": 0}
+    assert classify(**{**base, "fell_back": True}) == "clean_fallback"  # type: ignore[arg-type]
+    assert classify(**{**base, "reset": True, "other_path_bytes": 10**6}  # type: ignore[arg-type]
+                    ) == "subflow_reset_continue"
+    # A reset with nothing on another path is not "continued elsewhere".
+    assert classify(**{**base, "reset": True}) == "unaffected"  # type: ignore[arg-type]
+    assert classify(**{**base, "ok": False, "status": "timeout"}) == "stall"  # type: ignore[arg-type]
+    assert classify(**{**base, "ok": False, "status": "tls_error"}) == "corrupt"  # type: ignore[arg-type]
+    assert classify(**{**base, "ok": False, "status": "aborted"}) == "abort"  # type: ignore[arg-type]
+    assert classify(**{**base, "stripped": 0}) == "not_triggered"  # type: ignore[arg-type]
+    assert classify(**{**base, "stripped": 0, "with_option": 0}) == "no_mptcp"  # type: ignore[arg-type]
+
+
+def test_strip_after_params_and_rules() -> None:
+    import pytest
+
+    from testbed.errors import SpecError
+    from testbed.middleboxes.strip_after import StripMptcpAfter as S
+
+    assert S.validate({}, "f", "m") == {"direction": "s2c", "after_packets": 0,
+                                        "after_bytes": 100_000, "mode": "nop"}
+    assert S.validate({"after_packets": 5}, "f", "m")["after_bytes"] == 0
+    for bad, field in (({"after_packets": 5, "after_bytes": 9}, "m.after_packets"),
+                       ({"after_bytes": 0}, "m.after_bytes"),
+                       ({"direction": "up"}, "m.direction")):
+        with pytest.raises(SpecError) as err:
+            S.validate(bad, "f.yaml", "m")
+        assert err.value.field == field
+    b = S("wifi", S.validate({"direction": "both"}, "f", "m"))
+    b.marker = "tbabcdef-mb-wifi-strip_mptcp_after"
+    text = b.render_rules({**b.values, "server": "203.0.113.2", "queue": 31})
+    rules = [ln for ln in text.splitlines() if ln.startswith("-A")]
+    assert len(rules) == 2 and "-d 203.0.113.2 " in rules[0] and "-s 203.0.113.2 " in rules[1]
+    assert all("NFQUEUE --queue-num 31 --queue-bypass" in r for r in rules)
