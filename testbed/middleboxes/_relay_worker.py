@@ -81,10 +81,16 @@ class Relay:
                           "reason": "max_connections reached"})
                 client.close()
                 continue
-            with self.lock:
-                self.next_id += 1
-                conn = Conn(self, self.next_id, client, addr)
-                self.open[conn.id] = conn
+            try:
+                with self.lock:
+                    self.next_id += 1
+                    conn = Conn(self, self.next_id, client, addr)
+                    self.open[conn.id] = conn
+            except OSError as exc:  # the client went away before we looked at it
+                self.log({"event": "lost", "client": hostport(addr), "error": str(exc)})
+                client.close()
+                self.slots.release()
+                continue
             threading.Thread(target=conn.run, name=f"conn-{conn.id}", daemon=True).start()
 
     def done(self, conn: Conn) -> None:
@@ -243,7 +249,11 @@ class Conn:
 
 def main() -> int:
     cfg = json.loads(sys.argv[1])
-    relay = Relay(cfg)
+    try:
+        relay = Relay(cfg)
+    except OSError as exc:  # e.g. the port is taken: one line for the evidence
+        print(f"relay: cannot listen on port {cfg['listen_port']}: {exc}", file=sys.stderr)
+        return 2
 
     def on_term(_signo: int, _frame: object) -> None:
         threading.Thread(target=relay.stop, daemon=True).start()

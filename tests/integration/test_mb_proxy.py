@@ -210,6 +210,29 @@ def test_m4c_mptcp_proxy_on_core(tmp_path: Path) -> None:
             (False, True, subtype), (True, True, subtype)], pcap
 
 
+def test_m4c_mptcp_proxy_where_one_path_does_not_pass(tmp_path: Path) -> None:
+    transports, run_dir = run(tmp_path, "m4c_mptcp_proxy_wifi")
+    for transport, tr in transports.items():
+        assert tr.verdict.value == "CONFIRMED", (transport, tr.reason, tr.checks)
+        relay_gone(run_dir, tr, "wifi", "mptcp_proxy")
+        assert tr.outcome is not None and tr.outcome["status"] == "ok"
+        assert tr.outcome["sha256_received"] == tr.outcome["sha256_expected"]
+    mptcp = transports["mptcp"]
+    (conn,) = relayed(relay_log(run_dir, mptcp, "wifi", "mptcp_proxy"))
+    assert conn["client_subflows_max"] == 1 and conn["client_side_fallback"] is False
+    assert mptcp.outcome is not None and mptcp.outcome["mptcp"]["subflows_total"] == 1
+    c = counters(run_dir, mptcp)
+    assert c["server"].get("MPTcpExtMPJoinNoTokenFound") == 1
+    assert c["wifi_ap"].get("MPTcpExtMPCapableSYNRX") == 1
+    # On cell: the join SYN went to the server, which answered with a reset (MP_TCPRST,
+    # reason 1); no SYN/ACK.
+    cell = handshake(run_dir / mptcp.evidence["pcap.cell"])
+    assert [(r["src"], r["syn"], r["rst"], r["subtype"]) for r in cell] == [
+        (cell[0]["src"], True, False, "1"), (SERVER, False, True, "8")]
+    assert cell[0]["src"].startswith("100.64.") and cell[1]["reason"] in ("1", "0x01")
+    assert mptcp.facts["bytes_per_path"]["cell"] == 0
+
+
 def test_a_relay_that_cannot_start_leaves_nothing(tmp_path: Path) -> None:
     ledger = Ledger.create(state_dir=tmp_path / "state")
     try:
