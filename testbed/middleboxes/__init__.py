@@ -11,6 +11,7 @@ from testbed.middleboxes.base import Middlebox, ParamSpec
 from testbed.middleboxes.blackhole import Blackhole
 from testbed.middleboxes.drop_mptcp_syn import DropMptcpSyn
 from testbed.middleboxes.nat import Nat
+from testbed.middleboxes.payload_rewrite import PayloadRewrite
 from testbed.middleboxes.proxy import MptcpProxy, TcpProxy
 from testbed.middleboxes.resegment import Resegment
 from testbed.middleboxes.strip_after import StripMptcpAfter
@@ -18,6 +19,6 @@ from testbed.middleboxes.strip_mp_capable import StripMpCapable
 
 MIDDLEBOXES: dict[str, type[Middlebox]] = {
     cls.kind: cls for cls in (Nat, StripMpCapable, DropMptcpSyn, Blackhole, Resegment,
-                              TcpProxy, MptcpProxy, StripMptcpAfter)}
+                              TcpProxy, MptcpProxy, PayloadRewrite, StripMptcpAfter)}
 
 __all__ = ["MIDDLEBOXES", "Middlebox", "ParamSpec"]
