@@ -172,7 +172,8 @@ def assert_class_matches_evidence(tr: TransportResult, run_dir: Path, bytes_: in
     return str(cls)
 
 
-def assert_stripped_on_the_wire(tr: TransportResult, run_dir: Path, direction: str) -> None:
+def assert_stripped_on_the_wire(tr: TransportResult, run_dir: Path, direction: str,
+                                mode: str) -> None:
     """Before the middlebox every segment of the stripped direction carries option 30;
     after it, the first segment the worker logged has none (matched by seq and ack)."""
     client_side = run_dir / tr.evidence["pcap.wifi"]
@@ -198,15 +199,21 @@ def assert_stripped_on_the_wire(tr: TransportResult, run_dir: Path, direction: s
     rows_before, rows_after = same(segments(before, src)), same(segments(after, src))
     assert rows_before and all(has30(r) for r in rows_before), rows_before
     assert any(not has30(r) for r in rows_after), rows_after
-    # nop mode: the header keeps its length, the option's bytes are NOPs.
-    assert {r["tcp.hdr_len"] for r in rows_after} <= {r["tcp.hdr_len"] for r in rows_before}
+    stripped = [r for r in rows_after if not has30(r)]
+    if mode == "nop":  # the header keeps its length, the option's bytes are NOPs
+        assert {r["tcp.hdr_len"] for r in stripped} <= {r["tcp.hdr_len"] for r in rows_before}
+    else:  # removed: a shorter header, with a checksum tshark verified
+        assert int(stripped[0]["tcp.hdr_len"]) == first["hdr_len_after"]
+        assert int(stripped[0]["tcp.hdr_len"]) < int(rows_before[0]["tcp.hdr_len"])
+        assert stripped[0]["tcp.checksum.status"] == "1", stripped[0]
 
 
-@pytest.mark.parametrize("subflows, direction", [(2, "s2c"), (1, "s2c"), (2, "c2s"),
-                                                 (1, "c2s")])
-def test_m3_strip_after(tmp_path: Path, subflows: int, direction: str) -> None:
+@pytest.mark.parametrize("subflows, direction, mode", [
+    (2, "s2c", "nop"), (1, "s2c", "nop"), (2, "c2s", "nop"), (1, "c2s", "nop"),
+    (1, "s2c", "remove")])
+def test_m3_strip_after(tmp_path: Path, subflows: int, direction: str, mode: str) -> None:
     bytes_ = 2_000_000
-    over: dict[str, object] = {"subflows": subflows, "direction": direction}
+    over: dict[str, object] = {"subflows": subflows, "direction": direction, "mode": mode}
     if direction == "c2s":  # a download sends few bytes client -> server: count segments
         over |= {"after_packets": 40, "after_bytes": 0}
     transports, run_dir = run(tmp_path, "m3_strip_after", over)
@@ -227,7 +234,7 @@ def test_m3_strip_after(tmp_path: Path, subflows: int, direction: str) -> None:
         assert start["after_payload_bytes"] >= 200_000
     else:
         assert start["after_segments"] == 40
-    assert_stripped_on_the_wire(mptcp, run_dir, direction)
+    assert_stripped_on_the_wire(mptcp, run_dir, direction, mode)
     if subflows == 1:
         # Unambiguous: no second subflow, so nothing else could carry the connection.
         assert c["server"].get("MPTcpExtMPJoinSynRx", 0) == 0
@@ -238,5 +245,6 @@ def test_m3_strip_after(tmp_path: Path, subflows: int, direction: str) -> None:
     cls = assert_class_matches_evidence(mptcp, run_dir, bytes_)
     # Every wait is bounded: the client never ran much past its 12 s timeout.
     assert mptcp.timings["client_s"] < 20
-    print(f"M3 subflows={subflows} direction={direction}: {cls} -> {mptcp.verdict.value}; "
+    print(f"M3 subflows={subflows} direction={direction} mode={mode}: {cls} -> "
+          f"{mptcp.verdict.value}; "
           f"{rep['evidence']}")
