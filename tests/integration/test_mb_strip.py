@@ -90,31 +90,57 @@ def test_m2_strip_remove(tmp_path: Path, direction: str) -> None:
     assert any(r["event"] == "summary" for r in tcp_log)
 
 
-def test_m2_strip_remove_teardown_leaves_nothing(tmp_path: Path) -> None:
-    """Teardown removes the NFQUEUE rule and stops the worker (also when set up twice)."""
+def test_strip_teardown_leaves_nothing(tmp_path: Path) -> None:
+    """Teardown removes the NFQUEUE rules and stops the workers of both kinds (set up
+    side by side in one node: distinct queues), idempotently; a setup that fails after its
+    worker started leaves no worker and no rule either."""
+    from testbed.errors import RuntimeFailure
+    from testbed.middleboxes.strip_after import StripMptcpAfter
     from testbed.middleboxes.strip_mp_capable import StripMpCapable
     from testbed.model.topology import load_topology
     from testbed.runtime.ledger import Ledger
     from testbed.runtime.network import Network
 
+    class Broken(StripMptcpAfter):
+        template = StripMptcpAfter.template + "*filter\n-A NO_SUCH_CHAIN -j DROP\nCOMMIT\n"
+
+    def alive(pid: int) -> bool:
+        return subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode == 0
+
     ledger = Ledger.create(state_dir=tmp_path / "state")
     try:
         with Network.up(load_topology("dual_path"), ledger) as net:
             node = net.nodes[net.spec.middlebox_slots["wifi"]]
-            box = StripMpCapable("wifi", StripMpCapable.validate(
-                {"mode": "remove", "direction": "both"}, "t", "m"))
-            box.evidence_dir = tmp_path
-            box.setup(node, net, "wifi")
-            pids = box.running_workers()
-            assert len(pids) == 1 and len(box.remaining_rules()) == 2
-            assert "NFQUEUE" in node.run(["iptables-save", "-t", "mangle"]).stdout
-            box.stop_recording()
-            box.teardown()
-            assert box.remaining_rules() == [] and box.running_workers() == []
+            boxes = [StripMpCapable("wifi", StripMpCapable.validate(
+                         {"mode": "remove", "direction": "both"}, "t", "m")),
+                     StripMptcpAfter("wifi", StripMptcpAfter.validate(
+                         {"direction": "both"}, "t", "m"))]
+            pids = []
+            for box in boxes:
+                box.evidence_dir = tmp_path
+                box.setup(node, net, "wifi")
+                assert len(box.running_workers()) == 1 and len(box.remaining_rules()) == 2
+                pids += box.running_workers()
+            mangle = node.run(["iptables-save", "-t", "mangle"]).stdout
+            assert "--queue-num 30" in mangle and "--queue-num 31" in mangle
+            for box in boxes:
+                box.stop_recording()
+                box.teardown()
+                assert box.remaining_rules() == [] and box.running_workers() == []
+                box.teardown()
             assert "NFQUEUE" not in node.run(["iptables-save", "-t", "mangle"]).stdout
-            box.teardown()
-            with pytest.raises(subprocess.CalledProcessError):
-                subprocess.run(["kill", "-0", str(pids[0])], check=True, capture_output=True)
+            assert not any(alive(pid) for pid in pids)
+            broken = Broken("wifi", Broken.validate({}, "t", "m"))
+            broken.evidence_dir = tmp_path / "broken"
+            broken.evidence_dir.mkdir()
+            with pytest.raises(RuntimeFailure):
+                broken.setup(node, net, "wifi")
+            pids = broken.running_workers()
+            assert len(pids) == 1  # the worker started before the rules failed
+            broken.teardown()
+            assert broken.remaining_rules() == [] and broken.running_workers() == []
+            assert not alive(pids[0])
+            assert "NFQUEUE" not in node.run(["iptables-save", "-t", "mangle"]).stdout
     finally:
         ledger.release_all()
         ledger.close()
