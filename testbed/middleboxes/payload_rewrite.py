@@ -60,7 +60,7 @@ class PayloadRewrite(Middlebox):
                           "insert; empty: same_length inverts the bytes, insert writes "
                           "'#ALG#'"),
     }
-    requires = frozenset({"iptables", "tshark"})
+    requires = frozenset({"iptables", "nfqueue", "tshark"})
     capture_upstream = True
     log: Path
     template = """\
