@@ -143,3 +143,24 @@ def test_fill_must_be_printable_ascii() -> None:
         cls.validate({"fill": "\x00"}, "f.yaml", "middleboxes[0]")
     with pytest.raises(SpecError, match="mode"):
         cls.validate({"mode": "grow"}, "f.yaml", "middleboxes[0]")
+
+
+def test_rewriter_client_to_server() -> None:
+    """direction c2s: the client's data is changed, the server's acks are mapped back."""
+    log = io.StringIO()
+    rw = Rewriter({"server": "203.0.113.2", "port": 443, "direction": "c2s",
+                   "mode": "delete", "after": 1, "count": 1, "bytes": 4, "fill_hex": ""}, log)
+    srv, cli = "203.0.113.2", "198.51.100.1"
+    # The server's data is never touched, whatever its position in the count.
+    assert rw.handle(packet(srv, cli, 443, 5000, 7, 1000, STREAM[:100])) is None
+    out = rw.handle(packet(cli, srv, 5000, 443, 1000, 107, STREAM[:100]))
+    assert out is not None and valid(out)
+    seg = parse_ipv4_tcp(out)
+    assert seg is not None and seg.length == 96 and seg.seq == 1000
+    nxt = rw.handle(packet(cli, srv, 5000, 443, 1100, 107, STREAM[100:200]))
+    assert nxt is not None and parse_ipv4_tcp(nxt).seq == 1096  # type: ignore[union-attr]
+    ack = rw.handle(packet(srv, cli, 443, 5000, 107, 1196, b"", 0x10))
+    assert ack is not None and parse_ipv4_tcp(ack).ack == 1200  # type: ignore[union-attr]
+    # Another server port is not the app's: left alone.
+    assert rw.handle(packet(cli, srv, 5001, 80, 1100, 107, STREAM[100:200])) is None
+    assert json.loads(log.getvalue().splitlines()[0])["direction"] == "c2s"
