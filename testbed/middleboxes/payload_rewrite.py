@@ -23,6 +23,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, ClassVar
 
+from testbed.errors import SpecError
 from testbed.middleboxes.base import Middlebox, ParamSpec
 from testbed.runtime.network import Network
 from testbed.runtime.node import Node
@@ -75,8 +76,6 @@ COMMIT
         out = super().validate(params, file, field)
         fill = out["fill"]
         if not fill.isascii() or not fill.isprintable() or len(fill) > 512:
-            from testbed.errors import SpecError
-
             raise SpecError(file, f"{field}.fill", f"{fill[:40]!r} is not printable ASCII "
                             "of at most 512 characters", "e.g. fill: EVIL")
         return out
