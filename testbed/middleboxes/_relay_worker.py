@@ -136,6 +136,9 @@ class Conn:
         self.max_subflows: int | None = None
         self.fallback: bool | None = None
         self.last_view: dict[str, Any] | None = None
+        # Every subflow (local/remote address pair) seen in any sample: the last sample
+        # may come after the client closed one of them.
+        self.pairs_seen: dict[str, Any] = {}
         self.last_sample = 0.0
         self.sample_lock = threading.Lock()
 
@@ -160,6 +163,10 @@ class Conn:
             with contextlib.suppress(OSError, ValueError):
                 view = mptcp_view(self.client)
                 self.last_view = view
+                addrs = view.get("subflow_addrs")
+                if isinstance(addrs, dict):
+                    for pair in addrs.get("pairs") or []:
+                        self.pairs_seen.setdefault(json.dumps(pair, sort_keys=True), pair)
                 if view.get("fallback") is True:  # plain TCP accepted by the listener
                     self.fallback = True
                     self.max_subflows = max(self.max_subflows or 0, 1)
@@ -236,9 +243,8 @@ class Conn:
             if self.last_view is not None:
                 self.rec["client_mptcp_info"] = {
                     k: v for k, v in self.last_view.items() if k != "subflow_addrs"}
-                addrs = self.last_view.get("subflow_addrs")
-                if isinstance(addrs, dict):
-                    self.rec["client_subflow_addrs"] = addrs.get("pairs")
+            if self.pairs_seen:
+                self.rec["client_subflow_addrs"] = list(self.pairs_seen.values())
         for s in (self.client, self.upstream):
             if s is not None:
                 with contextlib.suppress(OSError):

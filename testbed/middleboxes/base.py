@@ -192,10 +192,22 @@ class Middlebox:
         self.server_address = net.address(net.node_of_role("server").name)
         if self.capture_upstream:
             self._start_upstream_capture()
+        # Processes first: a queue or a listener is ready before any rule feeds it.
+        self.start_workers()
         text = self.render_rules(self.context(node, net))
         self.applied = text
         if text.strip():
             self.apply(text)
+
+    def start_workers(self) -> None:
+        """Start the kind's processes (``start_worker``); called by ``setup`` once the
+        node, path, marker and server address are known, before the rules go in."""
+
+    @classmethod
+    def requirements(cls, values: dict[str, Any]) -> frozenset[str]:
+        """Capabilities needed with these parameter values (default: ``requires``, which
+        lists what any value may need)."""
+        return cls.requires
 
     def apply(self, text: str) -> None:
         """Apply a rendered document (also used by timers for late rules)."""

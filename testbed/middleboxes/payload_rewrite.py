@@ -83,10 +83,7 @@ COMMIT
     def variables(self, node: Node, net: Network) -> dict[str, Any]:
         return {"server": self.server_address, "queue": QUEUE_NUM}
 
-    def setup(self, node: Node, net: Network, path: str) -> None:
-        # The rules go in first: until the worker binds, --queue-bypass lets packets pass
-        # (no traffic flows before the transfer anyway).
-        super().setup(node, net, path)
+    def start_workers(self) -> None:
         self.log = self.evidence("rewrites.jsonl")
         self.log.write_text("")
         self.start_worker("testbed.middleboxes._rewrite_worker", {

@@ -67,10 +67,7 @@ COMMIT
     def variables(self, node: Node, net: Network) -> dict[str, Any]:
         return {"server": self.server_address}
 
-    def setup(self, node: Node, net: Network, path: str) -> None:
-        # Rules first (base class), then the relay: nothing flows before the transfer
-        # starts, and a relay that fails to start leaves rules the teardown removes.
-        super().setup(node, net, path)
+    def start_workers(self) -> None:
         self.start_worker(RELAY_MODULE, {
             "listen_port": self.values["listen_port"],
             "log": str(self.evidence("relay.jsonl")),

@@ -129,18 +129,13 @@ COMMIT
     def variables(self, node: Node, net: Network) -> dict[str, Any]:
         return {"queue": QUEUE_NUM, "server": self.server_address}
 
-    def setup(self, node: Node, net: Network, path: str) -> None:
-        # The worker binds the queue before the rules feed it (no packet bypasses it).
-        self.node, self.path = node, path
-        self.marker = f"{net.ledger.tag}-mb-{path}-{self.kind}"
-        self.server_address = net.address(net.node_of_role("server").name)
+    def start_workers(self) -> None:
         self.start_worker(WORKER, {
             "queue": QUEUE_NUM, "mode": self.values["mode"], "server": self.server_address,
             "log": str(self.evidence("strips.jsonl")),
             "after": {"direction": self.values["direction"],
                       "packets": self.values["after_packets"],
                       "bytes": self.values["after_bytes"]}}, "worker")
-        super().setup(node, net, path)
 
     def log(self) -> list[dict[str, Any]]:
         return read_strip_log(self.evidence("strips.jsonl")) if self.evidence_dir else []

@@ -50,8 +50,9 @@ class StripMpCapable(Middlebox):
                                "which handshake segments: syn (client to server), synack "
                                "(server to client) or both", choices=("syn", "synack", "both")),
     }
-    # Both modes' needs: the requirements are per kind, not per parameter value.
+    # What either mode may need; ``requirements`` says what a given mode needs.
     requires = frozenset({"iptables", "tcpoptstrip", "nfqueue"})
+    capture_upstream = True  # the segment after the firewall, to compare with the path pcap
     template = """\
 *mangle
 {% if mode == "nop" -%}
@@ -71,19 +72,17 @@ COMMIT
     def variables(self, node: Node, net: Network) -> dict[str, Any]:
         return {"queue": QUEUE_NUM}
 
-    def setup(self, node: Node, net: Network, path: str) -> None:
+    @classmethod
+    def requirements(cls, values: dict[str, Any]) -> frozenset[str]:
+        return frozenset({"iptables", "tcpoptstrip" if values.get("mode") == "nop"
+                          else "nfqueue"})
+
+    def start_workers(self) -> None:
         if self.values["mode"] == "remove":
-            # The worker binds the queue before the rule feeds it (no packet bypasses it).
-            self.node, self.path = node, path
-            self.marker = f"{net.ledger.tag}-mb-{path}-{self.kind}"
-            self.server_address = net.address(net.node_of_role("server").name)
-            # The segment after the firewall, to compare with the client-side pcap.
-            self._start_upstream_capture()
             self.start_worker(WORKER, {"queue": QUEUE_NUM, "mode": "remove",
                                        "log": str(self.evidence("rewrites.jsonl")),
                                        "server": self.server_address},
                               "worker")
-        super().setup(node, net, path)
 
     def rewrites(self) -> list[dict[str, Any]]:
         """The worker's rewrite records (empty for mode nop)."""

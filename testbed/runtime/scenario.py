@@ -157,7 +157,7 @@ def requirements(pb: Playbook, transport: str) -> set[str]:
     needs = set(ALWAYS_REQUIRED) | pb.topology.requirements | set(pb.requires)
     needs |= APPS[pb.app.kind]().requirements(transport)
     for mb in pb.middleboxes:
-        needs |= MIDDLEBOXES[mb.kind].requires
+        needs |= MIDDLEBOXES[mb.kind].requirements(mb.params)
     for attack in pb.attacks:
         needs |= ATTACKS[attack.kind].requires
     return needs

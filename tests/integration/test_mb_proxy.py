@@ -248,14 +248,14 @@ def test_a_relay_that_cannot_start_leaves_nothing(tmp_path: Path) -> None:
                 first.evidence_dir.mkdir()
                 first.setup(node, net, path)
                 assert first.remaining_rules() and first.running_workers()
-                # This relay cannot bind: setup fails after the rule went in, teardown
-                # removes it, and the first relay is untouched.
+                # This relay cannot bind: setup fails before any rule went in (workers
+                # start first), teardown is still safe, and the first relay is untouched.
                 second = cls(path, cls.validate({}, "t", "m"))
                 second.evidence_dir = tmp_path / f"{path}-2"
                 second.evidence_dir.mkdir()
                 with pytest.raises(RuntimeFailure, match="exited"):
                     second.setup(node, net, path)
-                assert second.remaining_rules()
+                assert second.remaining_rules() == []
                 second.teardown()
                 assert second.remaining_rules() == [] and second.running_workers() == []
                 assert first.remaining_rules() and first.running_workers()

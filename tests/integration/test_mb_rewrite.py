@@ -225,7 +225,7 @@ def test_teardown_and_a_worker_that_cannot_bind(tmp_path: Path) -> None:
             # Stopped by SIGTERM, the worker wrote its summary.
             assert "summary" in box.log.read_text()
             # Another process holds the queue: the worker cannot bind and exits; setup
-            # fails after the rules went in, teardown removes them.
+            # fails before the rules go in (workers start first); teardown is still safe.
             holder = node.popen([sys.executable, "-c",
                                  "import time; from testbed.runtime.nfqueue import Queue; "
                                  f"q = Queue({QUEUE_NUM}); print('ready', flush=True); "
@@ -239,7 +239,7 @@ def test_teardown_and_a_worker_that_cannot_bind(tmp_path: Path) -> None:
                 bad.evidence_dir.mkdir()
                 with pytest.raises(RuntimeFailure, match="exited"):
                     bad.setup(node, net, "wifi")
-                assert bad.remaining_rules()
+                assert bad.remaining_rules() == []
                 bad.teardown()
                 assert bad.remaining_rules() == [] and bad.running_workers() == []
                 assert node_rules(node) == clean

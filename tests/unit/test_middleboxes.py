@@ -31,8 +31,9 @@ def parse(entry: str) -> object:
 
 
 def test_registry_and_playbook_kinds() -> None:
-    assert set(MIDDLEBOXES) >= {"nat", "strip_mp_capable", "drop_mptcp_syn", "blackhole",
-                                "tcp_proxy", "mptcp_proxy"}
+    assert set(MIDDLEBOXES) == {"nat", "strip_mp_capable", "drop_mptcp_syn", "blackhole",
+                                "resegment", "tcp_proxy", "mptcp_proxy", "strip_mptcp_after",
+                                "payload_rewrite"}
     assert set(MIDDLEBOX_KINDS) >= set(MIDDLEBOXES)
     for kind, cls in MIDDLEBOXES.items():
         assert cls.kind == kind and cls.description and cls.requires
@@ -170,3 +171,14 @@ def test_teardown_without_setup_is_a_no_op() -> None:
     b.teardown()
     b.teardown()
     assert b.remaining_rules() == []
+
+
+def test_requirements_follow_the_parameters() -> None:
+    strip = MIDDLEBOXES["strip_mp_capable"]
+    nop = strip.validate({"mode": "nop"}, "f", "m")
+    remove = strip.validate({"mode": "remove"}, "f", "m")
+    assert strip.requirements(nop) == {"iptables", "tcpoptstrip"}
+    assert strip.requirements(remove) == {"iptables", "nfqueue"}
+    assert strip.requirements(nop) | strip.requirements(remove) <= strip.requires
+    nat = MIDDLEBOXES["nat"]
+    assert nat.requirements(nat.validate({}, "f", "m")) == nat.requires
