@@ -2,7 +2,7 @@
 
 The only app that sees the kernel's MPTCP view from inside the connection
 (``MPTCP_INFO``, ``MPTCP_SUBFLOW_ADDRS``, the fallback marker). Both peers are
-``testbed.apps.pyssl_peer`` run in the nodes with the orchestrator's interpreter.
+``testbed.peers.pyssl_peer`` run in the nodes with the orchestrator's interpreter.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CLIENT_FIELDS = ("status", "tls_version", "cipher", "bytes_received", "sha256_re
 
 
 def _peer(role: str) -> list[str]:
-    return [sys.executable, "-m", "testbed.apps.pyssl_peer", role]
+    return [sys.executable, "-m", "testbed.peers.pyssl_peer", role]
 
 
 class PythonTls(App):

@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from testbed.apps.pyssl_peer import mptcp_view
+from testbed.peers.pyssl_peer import mptcp_view
 
 IPPROTO_MPTCP = 262
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, level SOL_IP

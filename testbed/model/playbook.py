@@ -58,7 +58,7 @@ class AppSpec:
     sni: str
     port: int = 443
     timeout_s: float = 30.0
-    # Claim S1 (python client, MPTCP only): testbed/apps/split_hello.py
+    # Claim S1 (python client, MPTCP only): testbed/peers/split_hello.py
     split_client_hello: bool = False
     split_at: int | str = SPLIT_SNI_MIDDLE
     split_steer: str = "mp_prio"

@@ -15,15 +15,15 @@ import pytest
 from testbed.apps import APPS, AppContext
 from testbed.apps.nginx_curl import classify_curl, render_nginx_conf
 from testbed.apps.openssl_cli import classify_failure, strip_http
-from testbed.apps.pyssl_peer import (
+from testbed.errors import RuntimeFailure
+from testbed.model.outcome import STATUSES, AppOutcome, final_status
+from testbed.peers.pyssl_peer import (
     MPTCP_INFO_LAYOUT,
     MPTCP_INFO_SIZE,
     SOCKADDR_STORAGE_SIZE,
     parse_mptcp_info,
     parse_subflow_addrs,
 )
-from testbed.errors import RuntimeFailure
-from testbed.model.outcome import STATUSES, AppOutcome, final_status
 from testbed.runtime.pki import Pki
 
 SHA = "ab" * 32

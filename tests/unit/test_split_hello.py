@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.apps.split_hello import (
+from testbed.peers.split_hello import (
     MPTCP_PM_ADDR_ATTR_ADDR4,
     MPTCP_PM_ADDR_ATTR_FAMILY,
     MPTCP_PM_ADDR_ATTR_FLAGS,

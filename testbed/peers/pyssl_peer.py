@@ -1,4 +1,4 @@
-"""TLS 1.3 peer run inside a node: ``python -m testbed.apps.pyssl_peer server|client ...``.
+"""TLS 1.3 peer run inside a node: ``python -m testbed.peers.pyssl_peer server|client ...``.
 
 Standard library only (it runs in the node with the orchestrator's interpreter). The socket
 is opened with ``IPPROTO_MPTCP`` for ``--transport mptcp`` and as plain TCP otherwise.
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.apps.split_hello import (
+from testbed.peers.split_hello import (
     SNI_MIDDLE,
     BioTls,
     SplitError,
@@ -428,7 +428,7 @@ def run_client(args: argparse.Namespace) -> dict[str, Any]:
         ctx.load_verify_locations(cafile=args.ca)
         if args.keylog:
             ctx.keylog_filename = args.keylog
-        if args.split_client_hello:  # claim S1: see testbed/apps/split_hello.py
+        if args.split_client_hello:  # claim S1: see testbed/peers/split_hello.py
             split: dict[str, Any] = {}
             extra["split"] = split
             try:
