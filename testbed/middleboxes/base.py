@@ -273,7 +273,8 @@ class Middlebox:
 
     def finish(self, facts: dict[str, Any]) -> dict[str, Any]:
         """The middlebox's report for the verdict (``facts['middlebox'][kind]``), from its
-        own evidence and the measured ``facts``; empty when it has nothing to report."""
+        own evidence and the measured ``facts`` (plus ``facts['outcome']``, the client's
+        outcome record); empty when it has nothing to report."""
         return {}
 
     def on_transfer_start(self) -> None:

@@ -451,7 +451,8 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
 
     facts = derive_facts(transport=transport, outcome=outcome_json, counters=counters,
                          observers=observers, server=server.name, app_bytes=pb.app.bytes)
-    mb_reports = {box.kind: report for box in boxes if (report := box.finish(facts))}
+    mb_facts = {**facts, "outcome": outcome_json}
+    mb_reports = {box.kind: report for box in boxes if (report := box.finish(mb_facts))}
     if mb_reports:
         facts["middlebox"] = mb_reports
     if placed:

@@ -166,6 +166,13 @@ def test_a2_blackhole(tmp_path: Path) -> None:
         report = mb_report(run_dir, tr, "wifi", "blackhole")
         assert "trigger seen" in report and "blackhole DROP inserted: done" in report
         assert rule_packets(report, "DROP") > 0
+    # The longest stall in delivered bytes (from the pcaps): TCP's lasts from the
+    # blackhole to the client's timeout; MPTCP's is much shorter, and after the blackhole
+    # cell kept delivering new data.
+    tcp_bh, mptcp_bh = tcp.facts["middlebox"]["blackhole"], mptcp.facts["middlebox"]["blackhole"]
+    assert tcp_bh["longest_stall_ms"] >= 5000 > mptcp_bh["longest_stall_ms"]
+    assert mptcp_bh["data_segments_after_blackhole"].get("cell", 0) > 100
+    assert tcp_bh["data_segments_after_blackhole"].get("cell", 0) == 0
     # The rest of the transfer went over cell, after the blackhole.
     srv = counters(run_dir, mptcp)["server"]
     assert srv.get("MPTcpExtMPJoinAckRx") == 1
