@@ -72,7 +72,8 @@ class ParamSpec:
             lo = "" if self.lo is None else self.lo
             hi = "" if self.hi is None else self.hi
             allowed = f" {lo}..{hi};"
-        return f"{self.type.__name__},{allowed} default {self.default}: {self.help}"
+        default = "''" if self.default == "" else self.default
+        return f"{self.type.__name__},{allowed} default {default}: {self.help}"
 
     def check(self, value: Any, file: str, field: str) -> Any:
         for bad, why in self.refused:

@@ -255,6 +255,19 @@ def test_teardown_removes_every_rule_and_is_idempotent(tmp_path: Path) -> None:
         ledger.close()
 
 
+def test_resegment_with_offloads_enabled(tmp_path: Path) -> None:
+    """GRO/GSO on in the box and a 1000-byte MSS: still MPTCP on both paths, and the box
+    forwards aggregated frames (GSO super-packets) toward the client."""
+    transports, run_dir = run(tmp_path, "resegment", {"offload": "enabled", "mss": 1000})
+    for transport, tr in transports.items():
+        assert tr.verdict.value == "CONFIRMED", (transport, tr.reason, tr.checks)
+    mptcp = transports["mptcp"]
+    report = mptcp.facts["middlebox"]["resegment"]
+    assert report["syn_mss_upstream"] == 1000 and report["max_payload_client_side"] > 1000
+    assert "'gro': 'on'" in mb_report(run_dir, mptcp, "wifi", "resegment")
+    assert mptcp.facts["subflows"] == 2 and mptcp.facts["fallback"] is False
+
+
 def test_resegment(tmp_path: Path) -> None:
     transports, run_dir = run(tmp_path, "resegment")
     for transport, tr in transports.items():
