@@ -3,6 +3,11 @@
 The inputs are the application outcome, per-node counter deltas and per-path observer
 summaries (tshark on the pcaps); the output is a flat dict the expectations are checked
 against, stored beside the verdict so anyone can recompute it.
+
+``subflows`` and ``fallback`` are end to end: from the server's counters (joins it
+accepted, whether it ever saw MP_CAPABLE) and any fallback counter of any node.
+``client_subflows`` / ``client_fallback`` are the client's own MPTCP_INFO (python client
+only; None otherwise): behind an MPTCP-to-TCP converter the two views differ.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ def derive_facts(*, transport: str, outcome: dict[str, Any], counters: dict[str,
     else:
         fallback = False
         subflows = 1
+    # The client's own view (MPTCP_INFO of the python client): it differs from the
+    # end-to-end view above when a middlebox terminates MPTCP (a converter, M4c).
+    client_subflows = mptcp_info.get("subflows_total") if transport == "mptcp" else None
+    client_fallback = mptcp_info.get("fallback") if transport == "mptcp" else None
     threshold = max(MIN_PATH_BYTES, int(app_bytes * MIN_PATH_SHARE))
     paths_with_data = sorted(
         path for path, obs in observers.items()
@@ -44,6 +53,8 @@ def derive_facts(*, transport: str, outcome: dict[str, Any], counters: dict[str,
         "tls_version": outcome.get("tls_version"),
         "subflows": subflows,
         "fallback": fallback,
+        "client_subflows": client_subflows if isinstance(client_subflows, int) else None,
+        "client_fallback": client_fallback if isinstance(client_fallback, bool) else None,
         "fallback_counters": fallback_counters,
         "paths_with_data": paths_with_data,
         "bytes_per_path": {path: sum((obs.get("payload_bytes") or {}).values())

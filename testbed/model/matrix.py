@@ -316,6 +316,12 @@ def describe_facts(facts: dict[str, Any], transport: str) -> str:
         text = f"{n} subflow{'s' if n != 1 else ''}"
         if facts.get("fallback"):
             text += ", fell back to TCP"
+        client_n, client_fb = facts.get("client_subflows"), facts.get("client_fallback")
+        if isinstance(client_n, int) and client_fb is False and (
+                facts.get("fallback") or client_n != n):
+            # A middlebox terminated MPTCP: say what the client itself had.
+            text += (f" end to end, while the client's MPTCP_INFO shows MPTCP with "
+                     f"{client_n} subflow{'s' if client_n != 1 else ''} created")
         parts.append(text)
     per_path = facts.get("bytes_per_path") or {}
     with_data = facts.get("paths_with_data")

@@ -184,6 +184,25 @@ def test_mptcp_fallback_reported_by_the_socket() -> None:
     assert f["fallback"] is True
 
 
+def test_client_view_beside_the_end_to_end_view() -> None:
+    """Behind an MPTCP-to-TCP converter the server saw plain TCP (end to end: fallback,
+    one subflow) while the client's MPTCP_INFO shows MPTCP with two subflows."""
+    from testbed.model.matrix import describe_facts
+
+    outcome = dict(OUTCOME, mptcp={"fallback": False, "subflows_total": 2})
+    f = facts("mptcp", server={}, outcome=outcome)
+    assert (f["subflows"], f["fallback"]) == (1, True)
+    assert (f["client_subflows"], f["client_fallback"]) == (2, False)
+    assert "1 subflow, fell back to TCP end to end, while the client's MPTCP_INFO shows " \
+           "MPTCP with 2 subflows created" in describe_facts(f, "mptcp")
+    # Views that agree say nothing more; no MPTCP_INFO (other apps, TCP) gives None.
+    same = facts("mptcp", server={"MPTcpExtMPCapableSYNRX": 1, "MPTcpExtMPJoinAckRx": 1},
+                 outcome=outcome)
+    assert "client" not in describe_facts(same, "mptcp")
+    assert facts("mptcp")["client_subflows"] is None
+    assert facts("tcp", outcome=outcome)["client_fallback"] is None
+
+
 def test_checksum_mismatch() -> None:
     f = facts("tcp", outcome=dict(OUTCOME, sha256_received="cd" * 32))
     assert f["checksum_match"] is False
