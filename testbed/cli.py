@@ -93,7 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     transports = None if args.transport == "both" else (args.transport,)
     progress = Progress()
     result, run_dir = run_playbooks(playbooks, results_root=Path(args.out),
-                                    transports=transports, progress=progress)
+                                    transports=transports, progress=progress,
+                                    jobs=args.jobs)
     rows = [(s.playbook, t, r.verdict.value, r.reason)
             for s in result.scenarios for t, r in s.transports.items()]
     if args.json:
@@ -255,6 +256,17 @@ def _repeat_count(text: str) -> int:
     return value
 
 
+def _jobs_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of parallel jobs from 1 "
+                                         "to 16")
+    return value
+
+
 def cmd_matrix(args: argparse.Namespace) -> int:
     from testbed.model.matrix import TRANSPORT_LABEL, TRANSPORTS
     from testbed.report import REQUEST_FILE, load_matrix, write_reports
@@ -272,10 +284,11 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     progress(f"matrix: {len(playbooks)} scenarios "
              f"({', '.join(f'{p.claim or p.name}' for p in playbooks)})")
     _result, run_dir = run_playbooks(playbooks, results_root=Path(args.out),
-                                     progress=progress)
+                                     progress=progress, jobs=args.jobs)
     (run_dir / REQUEST_FILE).write_text(json.dumps(
         {"only": only, "skip": skip, "repeat": args.repeat,
-         "playbooks": sorted({p.file for p in playbooks})}, indent=1) + "\n")
+         "jobs": args.jobs, "playbooks": sorted({p.file for p in playbooks})}, indent=1)
+        + "\n")
     progress("writing the reports")
     files = write_reports(run_dir)
     matrix = load_matrix(run_dir)
@@ -355,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a playbook parameter (repeatable)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--jobs", default=1, metavar="N", type=_jobs_count,
+                   help="run N scenario transports at once, each in its own network "
+                   "(default 1: one after the other; timing-sensitive scenarios share "
+                   "the CPU then)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("matrix", help="run every claim's playbook (and the baseline) under "
@@ -369,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(DEFAULT_RESULTS),
                    help="results root; the run writes <out>/<run-id>/ (default: results/)")
     p.add_argument("--json", action="store_true", help="print the matrix as JSON")
+    p.add_argument("--jobs", default=1, metavar="N", type=_jobs_count,
+                   help="run N scenario transports at once, each in its own network "
+                   "(default 1: one after the other; timing-sensitive scenarios share "
+                   "the CPU then)")
     p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("report", help="rebuild matrix.json, report.html, report.md and "

@@ -73,8 +73,11 @@ def now_iso() -> str:
 
 def run_playbooks(playbooks: list[Playbook], *, results_root: Path,
                   transports: tuple[str, ...] | None = None,
-                  progress: Progress = lambda _m: None) -> tuple[RunResult, Path]:
-    """Run every playbook; write results as they come. Returns the result and its dir."""
+                  progress: Progress = lambda _m: None, jobs: int = 1
+                  ) -> tuple[RunResult, Path]:
+    """Run every playbook; write results as they come. Returns the result and its dir.
+
+    ``jobs`` > 1 runs that many scenario transports at once (see ``_run_parallel``)."""
     ledger = Ledger.create()
     run_dir = results_root / ledger.data.run_id
     run_dir.mkdir(parents=True, exist_ok=False)
@@ -87,8 +90,11 @@ def run_playbooks(playbooks: list[Playbook], *, results_root: Path,
         report = doctor.probe()
         result.environment = {**doctor.fingerprint(report), "git_commit": _git_commit(),
                               "playbooks": {p.file: p.sha256 for p in playbooks}}
+        if jobs > 1:
+            result.environment["jobs"] = jobs
         ctx = RunContext(run_dir, ledger, report, progress)
         result.write(run_dir)
+        units: list[tuple[Playbook, str, int, str, ScenarioResult]] = []
         for pb in playbooks:
             for rep in range(1, pb.repeat + 1):
                 scenario = ScenarioResult(pb.name, pb.file, pb.sha256, pb.claim,
@@ -100,9 +106,13 @@ def run_playbooks(playbooks: list[Playbook], *, results_root: Path,
                     label = (f"{pb.claim + ' ' if pb.claim else ''}{pb.name}"
                              f"{f' #{rep}/{pb.repeat}' if pb.repeat > 1 else ''} "
                              f"[TLS/{transport.upper()}]")
-                    scenario.transports[transport] = run_transport(pb, transport, rep, ctx,
-                                                                   label)
-                    result.write(run_dir)
+                    units.append((pb, transport, rep, label, scenario))
+        if jobs > 1 and len(units) > 1:
+            _run_parallel(units, ctx, result, jobs)
+        else:
+            for pb, transport, rep, label, scenario in units:
+                scenario.transports[transport] = run_transport(pb, transport, rep, ctx, label)
+                result.write(run_dir)
         result.complete = True
     finally:
         with signals_held():
@@ -115,6 +125,60 @@ def run_playbooks(playbooks: list[Playbook], *, results_root: Path,
                 ledger.release_all()
                 ledger.close()
     return result, run_dir
+
+
+def _run_parallel(units: list[tuple[Playbook, str, int, str, ScenarioResult]],
+                  ctx: RunContext, result: RunResult, jobs: int) -> None:
+    """Run the units ``jobs`` at a time, each slot a thread with a ledger of its own (its
+    own tag, so its namespaces never collide with another slot's, and ``testbed clean``
+    finds them if the run dies). Results land in their scenario in playbook order.
+
+    On an interrupt (KeyboardInterrupt in the main thread) no new unit starts, every
+    slot's ledger is released (its processes stopped, its namespaces deleted, so the units
+    in flight end at once, as ERROR), the slots are joined, and the interrupt goes on."""
+    if ctx.pki is None:  # made once, before the slots start (as the serial run does)
+        ctx.pki = make_pki(ctx.run_dir / "pki", units[0][0].app.sni)
+    lock = threading.Lock()
+    stop = threading.Event()
+    pending = list(reversed(units))
+    slots = [Ledger.create(results_dir=str(ctx.run_dir.resolve())) for _ in range(jobs)]
+
+    def slot(ledger: Ledger) -> None:
+        slot_ctx = RunContext(ctx.run_dir, ledger, ctx.report, ctx.progress, pki=ctx.pki)
+        while not stop.is_set():
+            with lock:
+                if not pending:
+                    return
+                pb, transport, rep, label, scenario = pending.pop()
+            tr = run_transport(pb, transport, rep, slot_ctx, label)
+            with lock:
+                scenario.transports[transport] = tr
+                # The transports in the playbook's order, whichever finished first.
+                order = [t for t in pb.transports if t in scenario.transports]
+                scenario.transports = {t: scenario.transports[t] for t in order}
+                result.write(ctx.run_dir)
+
+    threads = [threading.Thread(target=slot, args=(ledger,), name=f"slot-{ledger.tag}",
+                                daemon=True) for ledger in slots]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=0.2)
+    except BaseException:
+        stop.set()
+        for ledger in slots:
+            with contextlib.suppress(Exception):
+                ledger.release_all()
+        for thread in threads:
+            thread.join(timeout=60)
+        raise
+    finally:
+        for ledger in slots:
+            with contextlib.suppress(Exception):
+                ledger.release_all()
+            ledger.close()
 
 
 @contextlib.contextmanager

@@ -345,6 +345,10 @@ def test_cli_matrix_rejects_unknown_claims_before_needing_root() -> None:
     assert res.returncode == 2 and "unknown claim 'Z1'" in res.stderr
     res = _cli("matrix", "--repeat", "0")
     assert res.returncode == 2 and "from 1 to 100" in res.stderr
+    for command in ("matrix", "run"):
+        res = _cli(command, *(["playbooks/baseline.yaml"] if command == "run" else []),
+                   "--jobs", "0")
+        assert res.returncode == 2 and "number of parallel jobs from 1 to 16" in res.stderr
 
 
 def test_matrix_playbook_selection(tmp_path: Path) -> None:
