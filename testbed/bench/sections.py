@@ -30,6 +30,7 @@ from testbed.runtime.scenario import run_playbooks
 
 REPO = Path(testbed.__file__).resolve().parents[1]
 PLAYBOOKS = REPO / "playbooks"
+PARALLEL_JOBS = 2  # the machine's cores here; the figure is what --jobs buys
 Say = Callable[[str], None]
 PORT = 5201
 
@@ -138,6 +139,29 @@ def scenarios(work: Path, quick: bool, repeats: int, say: Say) -> dict[str, Any]
             say(f"scenario {name}: {error}")
         out["playbooks"].append(entry)
     out["all_playbooks_s"] = round(total_all, 3)
+    # The same work with two transports in flight at once (testbed run/matrix --jobs 2).
+    walls = []
+    for _ in range(repeats):
+        pb = load_playbook(PLAYBOOKS / "baseline.yaml")
+        t0 = time.monotonic()
+        result, _ = run_playbooks([pb], results_root=work / "scenarios", jobs=PARALLEL_JOBS)
+        walls.append(time.monotonic() - t0)
+    out["baseline_parallel_s"] = summary(walls)
+    say(f"scenario baseline --jobs {PARALLEL_JOBS}: {out['baseline_parallel_s']['median']:.2f}s")
+    if not quick:
+        from testbed.cli import matrix_playbooks
+
+        for jobs in (1, PARALLEL_JOBS):
+            t0 = time.monotonic()
+            result, _ = run_playbooks(matrix_playbooks([], []), results_root=work / "matrix",
+                                      jobs=jobs)
+            wall = time.monotonic() - t0
+            out[f"matrix_jobs{jobs}_s"] = round(wall, 3)
+            out[f"matrix_jobs{jobs}_verdicts"] = sorted(
+                f"{sc.playbook}:{t}:{tr.verdict.value}" for sc in result.scenarios
+                for t, tr in sc.transports.items())
+            say(f"matrix --jobs {jobs}: {wall:.1f}s")
+    out["parallel_jobs"] = PARALLEL_JOBS
     return out
 
 

@@ -55,6 +55,8 @@ def test_bench_quick(tmp_path: Path) -> None:
     _stats(baseline["wall_s"])
     assert set(baseline["transport_s"]) == {"tcp", "mptcp"}
     assert "building network" in baseline["phases_s"]
+    _stats(scen["baseline_parallel_s"])
+    assert scen["parallel_jobs"] == 2 and "matrix_jobs1_s" not in scen  # the full run only
 
     fid = res["sections"]["fidelity"]
     for tr in ("tcp", "mptcp"):
@@ -77,7 +79,8 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert set(att["expected_guess_time_s"]) == {"1", "10", "100", "1000"}
 
     ids = {t["id"] for t in res["targets"]}
-    assert {"topology.dual_path_s", "scenario.baseline_s", "fidelity.tcp", "fidelity.mptcp",
+    assert {"topology.dual_path_s", "scenario.baseline_s", "scenario.baseline_parallel_s",
+            "fidelity.tcp", "fidelity.mptcp",
             "many_connections.success", "attack_rate.rawsend"} <= ids
     for t in res["targets"]:
         assert t["met"] in (True, False)
