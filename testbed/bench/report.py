@@ -44,7 +44,7 @@ def targets(sec: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(_t("scenario.baseline_parallel_s", "baseline playbook, both transports, "
                           f"--jobs {scen['parallel_jobs']} (s)", f"< {BASELINE_SCENARIO_MAX_S}",
                           w, w < BASELINE_SCENARIO_MAX_S))
-        for jobs in (1, scen.get("parallel_jobs")):
+        for jobs in scen.get("matrix_jobs") or ():
             wall = scen.get(f"matrix_jobs{jobs}_s")
             if wall is not None:
                 out.append(_t(f"scenario.matrix_jobs{jobs}_s", f"whole claims matrix, --jobs "
@@ -88,10 +88,14 @@ def table(res: dict[str, Any]) -> str:
         if scen.get("baseline_parallel_s"):
             rows.append((f"scenario baseline --jobs {scen['parallel_jobs']}",
                          spread(scen["baseline_parallel_s"], " s", 2), ""))
-        for jobs in (1, scen.get("parallel_jobs")):
+        for jobs in scen.get("matrix_jobs") or ():
             if f"matrix_jobs{jobs}_s" in scen:
+                verdicts = scen[f"matrix_jobs{jobs}_verdicts"]
+                same = ("" if jobs == 1 else "; the same as --jobs 1"
+                        if verdicts == scen.get("matrix_jobs1_verdicts")
+                        else "; DIFFERENT from --jobs 1")
                 rows.append((f"claims matrix --jobs {jobs}", f"{scen[f'matrix_jobs{jobs}_s']} s",
-                             f"{len(scen[f'matrix_jobs{jobs}_verdicts'])} verdicts"))
+                             f"{len(verdicts)} verdicts{same}"))
     for key in ("fidelity", "unshaped"):
         if key in sec:
             f = sec[key]

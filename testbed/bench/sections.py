@@ -30,7 +30,8 @@ from testbed.runtime.scenario import run_playbooks
 
 REPO = Path(testbed.__file__).resolve().parents[1]
 PLAYBOOKS = REPO / "playbooks"
-PARALLEL_JOBS = 2  # the machine's cores here; the figure is what --jobs buys
+PARALLEL_JOBS = 2  # the baseline has two transports: both at once
+MATRIX_JOBS = (1, 2, 3)  # the whole matrix serially, then 2 and 3 transports at once
 Say = Callable[[str], None]
 PORT = 5201
 
@@ -151,7 +152,7 @@ def scenarios(work: Path, quick: bool, repeats: int, say: Say) -> dict[str, Any]
     if not quick:
         from testbed.cli import matrix_playbooks
 
-        for jobs in (1, PARALLEL_JOBS):
+        for jobs in MATRIX_JOBS:
             t0 = time.monotonic()
             result, _ = run_playbooks(matrix_playbooks([], []), results_root=work / "matrix",
                                       jobs=jobs)
@@ -162,6 +163,7 @@ def scenarios(work: Path, quick: bool, repeats: int, say: Say) -> dict[str, Any]
                 for t, tr in sc.transports.items())
             say(f"matrix --jobs {jobs}: {wall:.1f}s")
     out["parallel_jobs"] = PARALLEL_JOBS
+    out["matrix_jobs"] = list(MATRIX_JOBS) if not quick else []
     return out
 
 
