@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import json
 import os
 import platform
 import re
@@ -21,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -229,11 +227,8 @@ class Prober:
     def __init__(self, timeout_s: float = 5.0, *, runner: Runner = run_bounded,
                  which: Callable[[str], str | None] = shutil.which,
                  mptcp_dir: Path = MPTCP_SYSCTL_DIR, is_linux: bool | None = None,
-                 is_root: bool | None = None, release: str | None = None,
-                 version_cache: Path | None = None) -> None:
+                 is_root: bool | None = None, release: str | None = None) -> None:
         self.timeout_s = timeout_s
-        self.version_cache = version_cache
-        self._cache_lock = threading.Lock()  # the probes run in threads
         self.runner = runner
         self.which = which
         self.mptcp_dir = mptcp_dir
@@ -332,10 +327,6 @@ class Prober:
                                       f"add {d} to PATH")
             return self.check(name, False, f"{spec.binary} not found on PATH", install)
         version = ""
-        identity = _binary_identity(path)
-        cached = self._cached_versions().get(identity or "") if identity else None
-        if cached:
-            return self.check(name, True, f"{cached} [{path}]")
         if spec.version_argv is not None:
             res = self.run([path, *spec.version_argv])
             if res.rc is None or (res.rc != 0 and not (res.out or res.err).strip()):
@@ -347,33 +338,7 @@ class Prober:
             pkg_version = self._dpkg_version(spec.package)
             version = (f"{spec.package} {pkg_version} (Debian package)" if pkg_version
                        else "version unknown")
-        if identity and version != "version unknown":
-            self._remember_version(identity, version)
         return self.check(name, True, f"{version} [{path}]")
-
-    # -- tool versions, remembered per binary ------------------------------------------------
-    def _cached_versions(self) -> dict[str, str]:
-        """Versions found by earlier probes, keyed by the binary's identity (path, inode,
-        size, mtime): `tshark --version` alone costs 0.2 s, once per run otherwise."""
-        if self.version_cache is None:
-            return {}
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads(self.version_cache.read_text())
-            if isinstance(data, dict):
-                return {str(k): str(v) for k, v in data.items()}
-        return {}
-
-    def _remember_version(self, identity: str, version: str) -> None:
-        if self.version_cache is None:
-            return
-        with self._cache_lock, contextlib.suppress(OSError):
-            data = self._cached_versions()
-            data[identity] = version
-            self.version_cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = self.version_cache.with_name(f"{self.version_cache.name}.{os.getpid()}."
-                                               f"{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            os.replace(tmp, self.version_cache)
 
     # -- kernel features, in a throwaway namespace --------------------------------------------
     def _netns_precondition(self, name: str, needs: Sequence[str]) -> Check | None:
@@ -545,26 +510,10 @@ def kernel_config_value(option: str, release: str | None = None) -> str | None:
 
 def probe(timeout_s: float | None = None) -> DoctorReport:
     """Probe this machine. Each probe is bounded by ``timeout_s`` (default 5 s, or
-    $TESTBED_DOCTOR_TIMEOUT: a VM under software emulation needs more); none raises.
-    Tool versions are remembered per binary in the state directory (see ``tool``)."""
-    from testbed.runtime.ledger import STATE_DIR
-
+    $TESTBED_DOCTOR_TIMEOUT: a VM under software emulation needs more); none raises."""
     if timeout_s is None:
         timeout_s = float(os.environ.get("TESTBED_DOCTOR_TIMEOUT", "5"))
-    return Prober(timeout_s, version_cache=STATE_DIR / VERSION_CACHE).report()
-
-
-VERSION_CACHE = "tool-versions.json"
-
-
-def _binary_identity(path: str) -> str | None:
-    """``realpath:inode:size:mtime_ns`` of a binary (None if it cannot be read): a binary
-    replaced by an upgrade gets another identity, so a remembered version is never stale."""
-    with contextlib.suppress(OSError):
-        real = os.path.realpath(path)
-        st = os.stat(real)
-        return f"{real}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    return None
+    return Prober(timeout_s).report()
 
 
 def render_table(report: DoctorReport) -> str:

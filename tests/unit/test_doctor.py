@@ -279,34 +279,3 @@ def test_run_bounded_reports_timeout_and_missing_binary() -> None:
     assert ran.rc is None and "cannot run /nonexistent/tool" in ran.error
     ran = run_bounded(["cat"], 2.0, "hello\n")
     assert ran.ok and ran.out == "hello\n"
-
-
-def test_tool_versions_are_remembered_per_binary(tmp_path: Path) -> None:
-    """A version found once is reused while the binary is the same file; an upgraded
-    binary (another size or mtime) is asked again."""
-    binary = tmp_path / "tshark"
-    binary.write_text("#!/bin/sh\n")
-    cache = tmp_path / "state" / "tool-versions.json"
-
-    def make() -> tuple[Prober, FakeRunner]:
-        runner = FakeRunner({"--version": Ran(0, "TShark (Wireshark) 4.0.17\n", "")})
-        return Prober(2.0, runner=runner, which={"tshark": str(binary)}.get,
-                      mptcp_dir=tmp_path, is_linux=True, is_root=True,
-                      version_cache=cache), runner
-
-    p, runner = make()
-    assert p.tool("tshark").detail == f"TShark (Wireshark) 4.0.17 [{binary}]"
-    assert len(runner.calls) == 1 and cache.is_file()
-    p, runner = make()
-    assert p.tool("tshark").detail == f"TShark (Wireshark) 4.0.17 [{binary}]"
-    assert runner.calls == []  # remembered
-    binary.write_text("#!/bin/sh\n# upgraded\n")
-    p, runner = make()
-    p.tool("tshark")
-    assert len(runner.calls) == 1  # another binary: asked again
-    # Without a cache (the default), nothing is remembered.
-    p, runner = prober(tmp_path, {"--version": Ran(0, "v1\n", "")},
-                       which={"tshark": str(binary)})
-    p.tool("tshark")
-    p.tool("tshark")
-    assert len(runner.calls) == 2
