@@ -246,25 +246,22 @@ def _raw_claim(path: Path) -> str | None:
 MAX_PEEK = 256 * 1024
 
 
-def _repeat_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of runs from 1 to 100")
-    return value
+def _count_between(lo: int, hi: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer from ``lo`` to ``hi``, else a one-line error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {what} from {lo} "
+                                             f"to {hi}")
+        return value
+    return parse
 
 
-def _jobs_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 16:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of parallel jobs from 1 "
-                                         "to 16")
-    return value
+_repeat_count = _count_between(1, 100, "runs")
+_jobs_count = _count_between(1, 16, "parallel jobs")
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
