@@ -2,8 +2,11 @@
 derived from a topology spec. Pure computation; the runtime applies it with netlink.
 
 Every link gets the next /30 of its path's pool. Routes are shortest paths (ties go to the
-link declared first, which makes the primary path the client's default). There is no
-default route anywhere: a testbed host can reach only testbed addresses. A host with
+link declared first, which makes the primary path the client's default). Subnets that leave
+by the same next hop are merged where their union is exactly a larger prefix (a chain of
+200 nodes needs ~16 routes per node instead of 198); a merged route never covers an address
+that is not on a testbed link. There is no default route anywhere: a testbed host can reach
+only testbed addresses. A host with
 several interfaces gets one routing table per interface and a ``from ADDR`` rule for each,
 without which the kernel would never send a subflow out of the second interface.
 """
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from testbed.errors import SpecError
 from testbed.model.topology import LinkSpec, TopologySpec
 
+MAIN_TABLE = 254
 FIRST_POLICY_TABLE = 100
 FIRST_RULE_PRIORITY = 1000
 FORWARDING_ROLES = ("router", "middlebox")
@@ -40,7 +44,7 @@ class RoutePlan:
     dst: ipaddress.IPv4Network
     via: ipaddress.IPv4Address
     dev: str
-    table: int = 254  # main
+    table: int = 254  # main (MAIN_TABLE)
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,8 @@ def plan_addresses(spec: TopologySpec) -> AddressPlan:
         plan.interfaces[link.a].append(ia)
         plan.interfaces[link.b].append(ib)
 
+    link_ints = [(link, (int(net.network_address), net.prefixlen))
+                 for link, net in link_subnet.items()]
     roles = {n.name: n.role for n in spec.nodes}
     transit = {n.name for n in spec.nodes if n.role in FORWARDING_ROLES}
     for node in spec.nodes:
@@ -127,9 +133,12 @@ def plan_addresses(spec: TopologySpec) -> AddressPlan:
             plan.forwarding.add(node.name)
         dist, first_hop = _bfs(plan, node.name, transit)
         own = plan.interfaces[node.name]
-        connected = {intf.link for intf in own}
-        for link, net in link_subnet.items():
-            if link in connected:
+        connected = {id(intf.link) for intf in own}
+        # (table, interface to leave by) -> the link subnets reached that way
+        by_hop: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        out = {intf.ifname: intf for intf in own}
+        for link, net in link_ints:
+            if id(link) in connected:
                 continue
             # Reach a subnet through its router end: a host end would not forward.
             ends = [e for e in (link.a, link.b) if e in dist]
@@ -137,23 +146,42 @@ def plan_addresses(spec: TopologySpec) -> AddressPlan:
             if not ends:
                 continue
             hop = first_hop[min(ends, key=lambda e: dist[e])]
-            plan.routes.append(RoutePlan(node.name, net, hop.peer_address, hop.ifname))
+            by_hop.setdefault((MAIN_TABLE, hop.ifname), []).append(net)
         if node.role in MULTIHOMED_ROLES and len(own) > 1:
             for i, intf in enumerate(own):
                 table = FIRST_POLICY_TABLE + i
                 plan.rules.append(RulePlan(node.name, intf.address.ip, table,
                                            FIRST_RULE_PRIORITY + i))
-                for link, net in link_subnet.items():
-                    if link is intf.link:
-                        continue
-                    plan.routes.append(RoutePlan(node.name, net, intf.peer_address,
-                                                 intf.ifname, table))
+                by_hop[(table, intf.ifname)] = [net for link, net in link_ints
+                                                if link is not intf.link]
             if roles[node.name] == "client":
                 for intf in own:
                     if intf.path != spec.primary_path:
                         plan.endpoints.append(EndpointPlan(node.name, intf.address.ip,
                                                            intf.ifname))
+        plan.routes += [RoutePlan(node.name, dst, out[dev].peer_address, dev, table)
+                        for (table, dev), nets in by_hop.items()
+                        for dst in collapse_prefixes(nets)]
     return plan
+
+
+def collapse_prefixes(nets: list[tuple[int, int]]) -> list[ipaddress.IPv4Network]:
+    """The fewest prefixes that cover exactly the addresses of ``nets`` (disjoint
+    ``(first address, prefix length)`` pairs): two
+    prefixes merge only when they are the two halves of their parent, so a longest-prefix
+    lookup gives the same answer before and after, for every address. As
+    ``ipaddress.collapse_addresses``, on integers (the library's version costs ~0.6 s for
+    the 40,000 subnets of a 200-node chain)."""
+    merged: list[tuple[int, int]] = []  # (first address, prefix length), in address order
+    for start, plen in sorted(nets):
+        merged.append((start, plen))
+        while len(merged) > 1:
+            (a, la), (b, lb) = merged[-2], merged[-1]
+            size = 1 << (32 - la)
+            if la != lb or la == 0 or a & ((size << 1) - 1) or b != a + size:
+                break
+            merged[-2:] = [(a, la - 1)]
+    return [ipaddress.IPv4Network((start, plen)) for start, plen in merged]
 
 
 def _bfs(plan: AddressPlan, start: str,

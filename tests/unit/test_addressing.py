@@ -6,6 +6,8 @@ by walking them hop by hop, as the kernel would."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import random
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from testbed.model.addressing import (
     FIRST_POLICY_TABLE,
     AddressPlan,
     RoutePlan,
+    collapse_prefixes,
     plan_addresses,
 )
 from testbed.model.topology import TopologySpec, load_topology, parse_topology
@@ -137,8 +140,8 @@ def test_no_default_route_anywhere(dual: TopologySpec, plan: AddressPlan) -> Non
     link_nets = {i.address.network for intfs in plan.interfaces.values() for i in intfs}
     assert plan.routes
     for route in plan.routes:
-        assert route.dst.prefixlen == 30, route
-        assert route.dst in link_nets, route
+        # A route covers link subnets and nothing else (merged routes included).
+        assert all(net in link_nets for net in route.dst.subnets(new_prefix=30)), route
         assert any(route.dst.subnet_of(pool) for pool in dual.pools.values())
 
 
@@ -274,9 +277,9 @@ def test_three_routers_in_a_line() -> None:
     ip = ipaddress.ip_address
 
     def hop(node: str, dst: ipaddress.IPv4Network) -> str:
-        routes = [r for r in plan.routes if r.node == node and r.dst == dst]
-        assert len(routes) == 1, (node, dst, routes)
-        return str(routes[0].via)
+        route = lookup(plan, node, dst.network_address)
+        assert route is not None and dst.subnet_of(route.dst), (node, dst, route)
+        return str(route.via)
 
     # The client and the server each have one way out.
     assert {hop("client", n) for n in net[1:]} == {"203.0.113.2"}
@@ -288,8 +291,11 @@ def test_three_routers_in_a_line() -> None:
     assert plan.forwarding == {"r1", "r2", "r3"}  # middleboxes forward too
     assert plan.rules == [] and plan.endpoints == []  # single-homed hosts
     assert all(r.table == MAIN for r in plan.routes)
-    # Each node has a route to every subnet it is not on.
-    assert len(plan.routes) == sum(4 - len(intfs) for intfs in plan.interfaces.values())
+    # Each node has a route to every subnet it is not on, and none to one it is on.
+    for node, intfs in plan.interfaces.items():
+        own = {i.address.network for i in intfs}
+        for n in net:
+            assert (lookup(plan, node, n.network_address) is None) == (n in own), (node, n)
     assert walk(plan, "client", ip("203.0.113.14")) == ["client", "r1", "r2", "r3", "server"]
     assert walk(plan, "server", ip("203.0.113.1")) == ["server", "r3", "r2", "r1", "client"]
 
@@ -344,3 +350,37 @@ def test_interface_names_stay_unique_for_long_path_names() -> None:
         names = [i.ifname for i in intfs]
         assert len(set(names)) == len(names), (node, names)
         assert all(len(n) <= 15 for n in names)
+
+
+# --- merged routes -----------------------------------------------------------------------
+
+def test_collapse_prefixes_matches_the_standard_library() -> None:
+
+
+    rng = random.Random(8)
+    pool = list(ipaddress.ip_network("100.64.0.0/22").subnets(new_prefix=30))
+    for _ in range(200):
+        nets = rng.sample(pool, rng.randint(1, len(pool)))
+        ints = [(int(n.network_address), n.prefixlen) for n in nets]
+        assert collapse_prefixes(ints) == list(ipaddress.collapse_addresses(nets))
+
+
+def test_a_long_chain_gets_merged_routes_that_still_reach_every_link() -> None:
+    """12 nodes in a line: 11 /30s, so each node would need up to 10 routes; merged
+    routes are far fewer, and walking them hop by hop still reaches every address."""
+    names = ["client", *(f"r{i}" for i in range(1, 11)), "server"]
+    spec = {"name": "chain", "description": "a line of 12",
+            "nodes": {n: {"role": "client" if n == "client" else
+                          "server" if n == "server" else "router"} for n in names},
+            "links": [{"a": a, "b": b, "path": "p"} for a, b in itertools.pairwise(names)],
+            "pools": {"p": "100.64.0.0/24"}, "primary_path": "p"}
+    plan = plan_addresses(parse_topology(yaml.safe_dump(spec), "chain.yaml", {}))
+    assert len(plan.routes) < sum(11 - len(i) for i in plan.interfaces.values()) / 2
+    unused = ipaddress.ip_network("100.64.0.44/30")  # the pool's 12th /30: no link
+    for src in names:
+        assert lookup(plan, src, unused.network_address) is None, src
+        for dst_node in names:
+            for intf in plan.interfaces[dst_node]:
+                if src != dst_node:
+                    hops = walk(plan, src, intf.address.ip)
+                    assert hops[0] == src and owner(plan, intf.address.ip) in hops[-1:]
