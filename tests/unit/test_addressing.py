@@ -359,10 +359,16 @@ def test_collapse_prefixes_matches_the_standard_library() -> None:
 
     rng = random.Random(8)
     pool = list(ipaddress.ip_network("100.64.0.0/22").subnets(new_prefix=30))
-    for _ in range(200):
+    for _ in range(60):
         nets = rng.sample(pool, rng.randint(1, len(pool)))
         ints = [(int(n.network_address), n.prefixlen) for n in nets]
         assert collapse_prefixes(ints) == list(ipaddress.collapse_addresses(nets))
+        # Mixed prefix lengths: merged blocks plus /30s outside them.
+        mixed = list(ipaddress.collapse_addresses(nets[: len(nets) // 2]))
+        mixed += [n for n in rng.sample(pool, len(pool) // 3)
+                  if not any(n.subnet_of(m) for m in mixed)]
+        ints = [(int(n.network_address), n.prefixlen) for n in mixed]
+        assert collapse_prefixes(ints) == list(ipaddress.collapse_addresses(mixed))
 
 
 def test_a_long_chain_gets_merged_routes_that_still_reach_every_link() -> None:
