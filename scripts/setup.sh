@@ -13,7 +13,7 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 STAMP="$VENV/.setup-stamp"
 PACKAGES=(mininet tcpdump tshark nginx-light openssl curl mptcpize iptables nftables
-          iproute2 socat ethtool net-tools procps openssh-server
+          iproute2 util-linux socat ethtool net-tools procps openssh-server
           chromium)  # chromium: the matrix test opens report.html in a headless browser
 # Tools for the VM path, only on a machine that is not itself the testbed VM (the VM image
 # and the Vagrant provisioning write /etc/mptcp-testbed-vm): qemu and debootstrap for
@@ -23,7 +23,7 @@ VM_HOST_PACKAGES=(qemu-system-x86 qemu-utils debootstrap debian-archive-keyring 
                   vagrant-libvirt)
 VM_MARKER=/etc/mptcp-testbed-vm
 # Commands those packages provide; used to check a machine that has no dpkg.
-COMMANDS=(mnexec tcpdump tshark nginx openssl curl mptcpize iptables nft ip tc socat
+COMMANDS=(mnexec nsenter tcpdump tshark nginx openssl curl mptcpize iptables nft ip tc socat
           ethtool netstat ps sshd)
 
 say() { printf 'setup: %s\n' "$*"; }

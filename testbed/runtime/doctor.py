@@ -31,12 +31,12 @@ from typing import Any
 CAPABILITIES: tuple[str, ...] = (
     "linux", "root", "kernel", "mptcp", "pm_kernel", "pm_userspace",
     "netem", "tbf", "htb", "tcpoptstrip", "tcpmss", "nfqueue", "nft_nat", "openvswitch",
-    "mnexec", "tcpdump", "tshark", "nginx", "openssl", "curl", "mptcpize",
+    "mnexec", "nsenter", "tcpdump", "tshark", "nginx", "openssl", "curl", "mptcpize",
     "iptables", "nft", "ip", "ethtool",
 )
 # Without these the testbed cannot run at all.
 ESSENTIAL: frozenset[str] = frozenset(
-    {"linux", "root", "mptcp", "mnexec", "ip", "tcpdump", "tshark"})
+    {"linux", "root", "mptcp", "mnexec", "nsenter", "ip", "tcpdump", "tshark"})
 
 MPTCP_SYSCTL_DIR = Path("/proc/sys/net/mptcp")
 MIN_KERNEL = (5, 15)
@@ -182,6 +182,7 @@ class ToolSpec:
 
 TOOLS: dict[str, ToolSpec] = {
     "mnexec": ToolSpec("mnexec", ("-v",), "mininet"),
+    "nsenter": ToolSpec("nsenter", ("--version",), "util-linux"),
     "tcpdump": ToolSpec("tcpdump", ("--version",), "tcpdump"),
     "tshark": ToolSpec("tshark", ("--version",), "tshark"),
     "nginx": ToolSpec("nginx", ("-v",), "nginx-light"),

@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from testbed.runtime.nlfast import remove_namespaces
+
 STATE_DIR = Path(os.environ.get("TESTBED_STATE_DIR", "/run/testbed"))
 NETNS_DIR = Path("/run/netns")
 TAG_PREFIX = "tb"
@@ -253,7 +255,8 @@ def _is_protected_netns(path: Path) -> bool:
 
 def delete_netns_many(names: list[str], tag: str) -> list[str]:
     """``delete_netns`` for many namespaces at once: one scan of /proc for the processes
-    still in them (SIGKILLed), one ``ip -batch`` that deletes them. Only names that carry
+    still in them (SIGKILLed), then each is unmounted and its name removed in-process (as
+    ``ip netns delete`` does). Only names that carry
     ``tag`` and exist are touched; returns those."""
     mine = [n for n in names if n.startswith(f"{tag}-") and (NETNS_DIR / n).exists()]
     if not mine:
@@ -280,9 +283,7 @@ def delete_netns_many(names: list[str], tag: str) -> list[str]:
             st = os.stat(entry / "ns" / "net")
             if (st.st_dev, st.st_ino) in ids:
                 os.kill(int(entry.name), signal.SIGKILL)
-    subprocess.run(["ip", "-force", "-batch", "-"],
-                   input="".join(f"netns delete {n}\n" for n in mine),
-                   capture_output=True, text=True, timeout=10 + len(mine) / 10)
+    remove_namespaces([NETNS_DIR / n for n in mine])
     return mine
 
 

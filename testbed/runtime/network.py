@@ -1,8 +1,8 @@
 """Build a network from a topology spec, and tear it down again, guaranteed.
 
-Nodes are Mininet hosts (``mininet.node.Node``: no controller, no switches; their shells
-are spawned together and awaited together); links are veth pairs created directly between
-the two namespaces, so no testbed interface ever exists in the root namespace. Sysctls,
+Nodes are named network namespaces, created together (``testbed.runtime.node``; each hands
+out a Mininet host on demand); links are veth pairs created directly between the two
+namespaces, so no testbed interface ever exists in the root namespace. Sysctls,
 addresses, routes, policy rules, TBF qdiscs, MPTCP endpoints and limits are applied in
 batches over netlink sockets opened inside each node's namespace (``nlfast``); netem, the
 rare case, goes through iproute2's ``tc``. pyroute2 checks the result in the tests.
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from testbed.errors import RuntimeFailure
-from testbed.model.addressing import AddressPlan, RoutePlan, plan_addresses
+from testbed.model.addressing import FORWARDING_ROLES, AddressPlan, RoutePlan, plan_addresses
 from testbed.model.attachments import Tap
 from testbed.model.topology import LinkSpec, TopologySpec
 from testbed.runtime import nlfast
-from testbed.runtime.ledger import NETNS_DIR, Ledger, delete_netns_many
-from testbed.runtime.node import Node, attach_all
+from testbed.runtime.ledger import Ledger, delete_netns_many
+from testbed.runtime.node import Node, create_namespaces
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class Network:
     nodes: dict[str, Node] = field(default_factory=dict)
     build_s: float = 0.0
     _routes: dict[str, list[RoutePlan]] | None = field(default=None, repr=False)
+    _link_number: dict[int, int] | None = field(default=None, repr=False)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -60,7 +61,7 @@ class Network:
         ``{"*": {"net.mptcp.checksum_enabled": 1}}``. ``taps`` (from
         ``testbed.model.attachments.attach``) get a mirror of their path's access link.
         """
-        net = cls(spec, plan_addresses(spec), ledger)
+        net = cls(spec, AddressPlan(), ledger)  # planned in _build
         try:
             t0 = time.monotonic()
             net._build(sysctls or {}, progress or (lambda _msg: None))
@@ -72,32 +73,30 @@ class Network:
             net.down()
 
     def _build(self, sysctls: dict[str, dict[str, Any]], progress: Callable[[str], None]) -> None:
+        self.plan = plan_addresses(self.spec)
         progress(f"creating {len(self.spec.nodes)} nodes")
-        # Namespace names go into the ledger before the namespaces exist; the shells' PIDs
-        # are written once for all nodes (a shell whose orchestrator died exits on EOF).
+        # Namespace names go into the ledger before the namespaces exist.
         self.ledger.add_netns_many([f"{self.ledger.tag}-{n.name}" for n in self.spec.nodes])
-        with self.ledger.batched():
-            for node_spec in self.spec.nodes:
-                self.nodes[node_spec.name] = Node(node_spec.name, node_spec.role, self.ledger,
-                                                  attach=False)
-        # A shell's prompt means mnexec has entered its new namespace: only then may the
-        # namespace be named (attaching earlier could name the orchestrator's own one).
-        for node in self.nodes.values():
-            node.ready()
-        attach_all(list(self.nodes.values()))
-        # One thread per node enters its namespace, writes its sysctls (before interfaces
-        # exist, so that they inherit rp_filter=0 and no IPv6) and opens the netlink sockets
-        # that the rest of the build uses from this thread.
+        for node_spec in self.spec.nodes:
+            self.nodes[node_spec.name] = Node(node_spec.name, node_spec.role, self.ledger,
+                                              create=False)
+        # Inside each new namespace: its sysctls (before interfaces exist, so that they
+        # inherit rp_filter=0 and no IPv6), then the netlink sockets that the rest of the
+        # build uses from this thread.
         socks: dict[str, tuple[socket.socket, socket.socket | None]] = {}
+
+        def setup(node: Node) -> None:
+            values = self._sysctl_values(node, {**sysctls.get("*", {}),
+                                                **sysctls.get(node.name, {})})
+            try:
+                nlfast.write_sysctls(values)
+                socks[node.name] = nlfast.route_socket(), nlfast.genl_socket()
+            except (OSError, ValueError) as exc:
+                raise RuntimeFailure(f"configuring {node.name} ({node.netns}) failed: {exc}"
+                                     ) from exc
+
         try:
-            for name, node in self.nodes.items():
-                values = self._sysctl_values(node, {**sysctls.get("*", {}),
-                                                    **sysctls.get(name, {})})
-                try:
-                    socks[name] = nlfast.sockets_in(NETNS_DIR / node.netns, values)
-                except (OSError, ValueError) as exc:
-                    raise RuntimeFailure(f"configuring {name} ({node.netns}) failed: {exc}"
-                                         ) from exc
+            create_namespaces(list(self.nodes.values()), setup)
             progress(f"creating {len(self.spec.links)} links")
             self._create_links(socks)
             progress("configuring addresses, routes and MPTCP")
@@ -119,6 +118,14 @@ class Network:
                     return FIRST_IFINDEX + 2 * i + offset
         raise KeyError(f"{node} has no interface {ifname}")
 
+    def _link_numbers(self) -> dict[int, int]:
+        """Position of each link (by identity) in the spec: LinkSpec equality compares
+        every field, and ``tuple.index`` per interface made configuring a 200-node chain
+        quadratic."""
+        if self._link_number is None:
+            self._link_number = {id(link): i for i, link in enumerate(self.spec.links)}
+        return self._link_number
+
     def _routes_by_node(self) -> dict[str, list[RoutePlan]]:
         if self._routes is None:
             self._routes = {}
@@ -128,7 +135,7 @@ class Network:
 
     def _sysctl_values(self, node: Node, extra: dict[str, Any]) -> dict[str, Any]:
         values: dict[str, Any] = {
-            "net.ipv4.ip_forward": 1 if node.name in self.plan.forwarding else 0,
+            "net.ipv4.ip_forward": 1 if node.role in FORWARDING_ROLES else 0,
             "net.ipv4.conf.all.rp_filter": 0,
             "net.ipv4.conf.default.rp_filter": 0,
             # The test network is IPv4 only: no link-local chatter in the captures.
@@ -150,7 +157,7 @@ class Network:
                 ia = self.plan.interface(link.a, link.b)
                 ib = self.plan.interface(link.b, link.a)
                 if link.b not in fds:
-                    fds[link.b] = os.open(NETNS_DIR / self.nodes[link.b].netns,
+                    fds[link.b] = os.open(self.nodes[link.b].path,
                                           os.O_RDONLY | os.O_CLOEXEC)
                 rt = by_node.setdefault(link.a, nlfast.Rtnl(socks[link.a][0]))
                 i = FIRST_IFINDEX + 2 * n
@@ -167,7 +174,8 @@ class Network:
     def _configure_netlink(self, node: Node, route_sock: socket.socket,
                            genl_sock: socket.socket | None) -> None:
         intfs = self.plan.interfaces[node.name]
-        idx = {intf.ifname: FIRST_IFINDEX + 2 * self.spec.links.index(intf.link)
+        link_number = self._link_numbers()
+        idx = {intf.ifname: FIRST_IFINDEX + 2 * link_number[id(intf.link)]
                + (intf.node != intf.link.a) for intf in intfs}
         rt = nlfast.Rtnl(route_sock)
         rt.up(1, "lo")

@@ -1,7 +1,14 @@
-"""A testbed node: a Mininet host whose network namespace is also given a name
-(``tb<hex>-<node>``) so that users can ``ip netns exec`` into it during a run and pyroute2
-can open netlink sockets in it. Every process started in a node is registered in the run's
-ledger and stopped by PID.
+"""A testbed node: a named network namespace (``tb<hex>-<node>``, so that users can ``ip
+netns exec`` into it during a run and netlink sockets can be opened in it) in which
+processes run through ``nsenter``. Every process started in a node is registered in the
+run's ledger and stopped by PID.
+
+A node has no resident process: namespaces are created in one ``ip -batch`` for the whole
+network, as plain ``ip netns add`` would. Mininet's host API is there on demand:
+``node.mn`` starts a Mininet host whose shell lives in the node's namespace (for
+``mininet.link.Link``, ``cmd()``, the Mininet CLI), stopped by PID with the node. Starting
+a Mininet shell for every node (bash, its prompt, a command round trip: ~4 ms each) was
+most of the build time of large topologies.
 """
 
 from __future__ import annotations
@@ -12,31 +19,33 @@ import pty
 import select
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from mininet.node import Node as MininetNode
 
 from testbed.errors import RuntimeFailure, StepTimeout
-from testbed.runtime.ledger import Ledger, kill_process_group, proc_start_time
+from testbed.runtime import nlfast
+from testbed.runtime.ledger import NETNS_DIR, Ledger, kill_process_group, proc_start_time
 
 File = int | IO[Any] | None
+SHELL_START_S = 10.0
 
 
 class _Shell(MininetNode):  # type: ignore[misc]
-    """A Mininet host whose shell start is split in two: ``startShell`` (called by
-    Mininet's constructor) only spawns it, ``wait_ready`` waits for its prompt and
-    configures it as Mininet does. Spawning every node's shell before waiting for any lets
-    them start in parallel."""
+    """A Mininet host whose shell enters an existing named namespace (``netns_path``
+    param) instead of creating one: as ``mininet.node.Node.startShell``, with ``nsenter``
+    in place of ``mnexec -n``. Mininet's own ``popen``/``cmd`` then use ``mnexec -a PID``,
+    which enters the same namespace."""
 
     def startShell(self, mnopts: str | None = None) -> None:
         if self.shell:
             return
-        # As mininet.node.Node.startShell: mnexec -c(lose fds) -d(etach) -n(ew netns),
-        # prompt set to the sentinel chr(127), in a pseudo-tty.
-        cmd = ["mnexec", ("-cd" if mnopts is None else mnopts) + "n", "env",
-               "PS1=" + chr(127), "bash", "--norc", "--noediting", "-is",
+        # mnexec -c(lose fds) -d(etach: own session); prompt set to the sentinel chr(127),
+        # in a pseudo-tty.
+        cmd = ["mnexec", mnopts or "-cd", "nsenter", f"--net={self.params['netns_path']}",
+               "env", "PS1=" + chr(127), "bash", "--norc", "--noediting", "-is",
                "mininet:" + self.name]
         self.master, self.slave = pty.openpty()
         self.shell = self._popen(cmd, stdin=self.slave, stdout=self.slave, stderr=self.slave,
@@ -52,64 +61,71 @@ class _Shell(MininetNode):  # type: ignore[misc]
         self.lastCmd = None
         self.lastPid = None
         self.readbuf = ""
-        self._ready = False
-
-    def wait_ready(self, timeout_s: float, name: str) -> None:
-        if self._ready:
-            return
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + SHELL_START_S
         while True:
             if self.shell.poll() is not None:
-                raise RuntimeFailure(f"the shell of {name} exited ({self.shell.returncode})")
+                raise RuntimeFailure(f"the Mininet shell of {self.name} exited "
+                                     f"({self.shell.returncode})")
             if self.pollOut.poll(100):
                 data = self.read(1024)
                 if data and data[-1] == chr(127):
                     break
             if time.monotonic() > deadline:
-                raise StepTimeout(f"the shell of {name} did not start within {timeout_s}s")
+                raise StepTimeout(f"the Mininet shell of {self.name} did not start within "
+                                  f"{SHELL_START_S}s")
         self.waiting = False
         # +m: no job control notifications
         self.cmd("unset HISTFILE; stty -echo; set +m")
-        self._ready = True
 
 
 class Node:
-    def __init__(self, name: str, role: str, ledger: Ledger, *, attach: bool = True) -> None:
-        """``attach=False``: the caller names the namespace (``attach_all``), has recorded
-        it in the ledger already, and calls ``ready()`` before using the node's Mininet
-        shell (``Network`` does this for all nodes at once, so that the shells start in
-        parallel)."""
+    def __init__(self, name: str, role: str, ledger: Ledger, *, create: bool = True) -> None:
+        """``create=False``: the caller has recorded the namespace in the ledger and
+        creates it (``Network`` creates all of a network's namespaces at once)."""
         self.name = name
         self.role = role
         self.ledger = ledger
         self.netns = f"{ledger.tag}-{name}"
-        # The Mininet shell's command line carries the namespace name, so it shows the run tag.
-        self.mn = _Shell(self.netns, inNamespace=True)
-        self.pid: int = self.mn.pid
-        ledger.add_process(self.pid, "mininet shell", name)
+        self.path = NETNS_DIR / self.netns
+        self._mn: _Shell | None = None
         self._procs: list[subprocess.Popen[Any]] = []
-        if attach:
-            self.ready()
-            attach_all([self])
+        if create:
             ledger.add_netns(self.netns)
+            create_namespaces([self], lambda _node: None)
 
-    def ready(self, timeout_s: float = 10.0) -> None:
-        """Wait until the node's Mininet shell has started (its prompt came)."""
-        self.mn.wait_ready(timeout_s, self.name)
+    @property
+    def mn(self) -> Any:
+        """A Mininet host in this node's namespace (its shell starts on first use)."""
+        if self._mn is None:
+            self._check_own()
+            self._mn = _Shell(self.netns, inNamespace=True, netns_path=str(self.path))
+            self.ledger.add_process(self._mn.pid, "mininet shell", self.name)
+        return self._mn
+
+    def _check_own(self) -> None:
+        """Refuse a name that is not a namespace of its own: bound to the orchestrator's
+        namespace (or PID 1's), a process "in the node" would run in the root namespace."""
+        node_ns = _netns_id(self.path)
+        if node_ns is None:
+            raise RuntimeFailure(f"the namespace of {self.name} ({self.path}) does not exist")
+        if node_ns in _root_netns_ids():
+            raise RuntimeFailure(f"{self.path} names the orchestrator's own network "
+                                 f"namespace; refusing to run anything of {self.name} there")
 
     # -- processes -------------------------------------------------------------------------
     def _argv(self, argv: Sequence[str]) -> list[str]:
-        # mnexec -a: enter the node's network (and mount) namespace; -d: new session, so the
-        # process leads its own group and can be stopped as a group by its PID.
-        return ["mnexec", "-da", str(self.pid), *argv]
+        self._check_own()
+        # nsenter execs the command in place: the PID we get is the command's.
+        return ["nsenter", f"--net={self.path}", "--", *argv]
 
     def popen(self, argv: Sequence[str], *, label: str, stdout: File = subprocess.DEVNULL,
               stderr: File = subprocess.DEVNULL, stdin: File = subprocess.DEVNULL,
               cwd: str | Path | None = None, env: dict[str, str] | None = None,
               text: bool = False) -> subprocess.Popen[Any]:
-        """Start ``argv`` in this node; it is recorded in the ledger and stopped at teardown."""
+        """Start ``argv`` in this node; it is recorded in the ledger and stopped at teardown.
+        It leads a session (and process group) of its own, stopped as a group by its PID."""
         proc = subprocess.Popen(self._argv(argv), stdout=stdout, stderr=stderr, stdin=stdin,
-                                cwd=cwd, env=env, text=text)
+                                cwd=cwd, env=env, text=text, start_new_session=True)
         self.ledger.add_process(proc.pid, label, self.name)
         self._procs.append(proc)
         return proc
@@ -119,7 +135,7 @@ class Node:
         """Run ``argv`` in this node to completion, bounded by ``timeout``."""
         try:
             res = subprocess.run(self._argv(argv), capture_output=True, text=True,
-                                 timeout=timeout, input=input)
+                                 timeout=timeout, input=input, start_new_session=True)
         except subprocess.TimeoutExpired:
             raise StepTimeout(
                 f"{self.name}: '{' '.join(argv)}' took more than {timeout}s") from None
@@ -140,25 +156,30 @@ class Node:
         return proc.returncode
 
     def read_proc_net(self, name: str) -> str:
-        """Read ``/proc/net/<name>`` as seen from this node's namespace."""
-        return Path(f"/proc/{self.pid}/net/{name}").read_text()
+        """Read ``/proc/net/<name>`` as seen from this node's namespace (by a thread that
+        entered it: ``/proc/thread-self/net`` shows the calling thread's namespace)."""
+        return nlfast.in_netns(self.path,
+                               lambda: Path("/proc/thread-self/net", name).read_text())
 
     def sysctl(self, **values: str | int) -> None:
-        """Set sysctls inside this node (``net__ipv4__ip_forward=1`` style keys).
-
-        Runs ``sysctl`` in the node: /proc/sys/net shows the namespace of the process that
-        opens it, so writing from the orchestrator would change the root namespace.
-        """
-        args = [f"{k.replace('__', '.')}={v}" for k, v in values.items()]
-        self.run(["sysctl", "-qw", *args])
+        """Set ``net.*`` sysctls inside this node (``net__ipv4__ip_forward=1`` style keys),
+        from a thread in its namespace: /proc/sys/net shows the namespace of the thread that
+        opens it, so writing from the orchestrator's thread would change the root one."""
+        dotted = {k.replace("__", "."): v for k, v in values.items()}
+        try:
+            nlfast.in_netns(self.path, lambda: nlfast.write_sysctls(dotted))
+        except (OSError, ValueError) as exc:
+            raise RuntimeFailure(f"{self.name}: sysctl {dotted} failed: {exc}") from exc
 
     def terminate(self) -> None:
         for proc in list(self._procs):
             self.stop(proc, grace_s=1.0)
-        with contextlib.suppress(Exception):
-            self.mn.terminate()
-        with contextlib.suppress(Exception):
-            self.ledger.forget_process(self.pid)
+        if self._mn is not None:
+            pid = self._mn.pid
+            with contextlib.suppress(Exception):
+                self._mn.terminate()
+            with contextlib.suppress(Exception):
+                self.ledger.forget_process(pid)
 
     def __repr__(self) -> str:
         return f"Node({self.name}, netns={self.netns})"
@@ -172,21 +193,17 @@ def _netns_id(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def attach_all(nodes: Sequence[Node]) -> None:
-    """Name the namespaces of ``nodes`` (``ip netns attach``) with one ``ip -batch``."""
-    if not nodes:
-        return
-    own = _netns_id(Path("/proc/self/ns/net"))
-    for n in nodes:
-        # Never name the orchestrator's namespace: a shell that has not yet entered its own
-        # namespace would give that, and deleting the "node" would then kill every process
-        # of the root namespace.
-        if _netns_id(Path(f"/proc/{n.pid}/ns/net")) in (own, None):
-            raise RuntimeFailure(f"the shell of {n.name} (PID {n.pid}) is not in a namespace "
-                                 "of its own; refusing to name it")
-    lines = "".join(f"netns attach {n.netns} {n.pid}\n" for n in nodes)
-    res = subprocess.run(["ip", "-batch", "-"], input=lines, capture_output=True, text=True,
-                         timeout=10 + len(nodes) / 10)
-    if res.returncode != 0:
-        raise RuntimeFailure(f"cannot name the namespaces of "
-                             f"{', '.join(n.name for n in nodes)}: {res.stderr.strip()[:500]}")
+def _root_netns_ids() -> set[tuple[int, int] | None]:
+    return {_netns_id(Path("/proc/self/ns/net")), _netns_id(Path("/proc/1/ns/net"))}
+
+
+def create_namespaces(nodes: Sequence[Node], setup: Callable[[Node], Any]) -> None:
+    """Create the named namespaces of ``nodes`` in-process (``nlfast.create_namespaces``,
+    as ``ip netns add`` would, without a process), calling ``setup(node)`` inside each new
+    namespace (sysctls, netlink sockets)."""
+    by_path = {n.path: n for n in nodes}
+    try:
+        nlfast.create_namespaces(list(by_path), lambda p: setup(by_path[p]))
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot create the namespaces of "
+                             f"{', '.join(n.name for n in nodes)}: {exc}") from exc

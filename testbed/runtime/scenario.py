@@ -50,7 +50,7 @@ from testbed.runtime.observer import summarize_pcap
 from testbed.runtime.pki import Pki, make_pki
 
 Progress = Callable[[str], None]
-ALWAYS_REQUIRED = ("mptcp", "mnexec", "ip", "tcpdump", "tshark")
+ALWAYS_REQUIRED = ("mptcp", "nsenter", "ip", "tcpdump", "tshark")
 PAYLOAD_CHUNK = 1 << 20
 
 

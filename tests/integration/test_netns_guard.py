@@ -1,5 +1,5 @@
-"""Guards of the batched namespace handling: a name bound to the orchestrator's own
-namespace is never attached by the builder, and deleting it kills nothing."""
+"""Guards of the namespace handling: a node whose name is bound to the orchestrator's own
+namespace runs nothing there, and deleting such a name kills nothing."""
 
 from __future__ import annotations
 
@@ -8,28 +8,37 @@ import secrets
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from testbed.errors import RuntimeFailure
-from testbed.runtime.ledger import NETNS_DIR, delete_netns_many
-from testbed.runtime.node import attach_all
+from testbed.runtime.ledger import NETNS_DIR, Ledger, delete_netns_many
+from testbed.runtime.node import Node
 
 pytestmark = pytest.mark.root
 
 
-class _FakeNode:
-    def __init__(self, pid: int, tag: str) -> None:
-        self.pid = pid
-        self.name = "fake"
-        self.netns = f"{tag}-fake"
-
-
-def test_attach_refuses_a_process_in_the_orchestrators_namespace() -> None:
-    tag = f"tbg{secrets.token_hex(3)}"
-    with pytest.raises(RuntimeFailure, match="not in a namespace of its own"):
-        attach_all([_FakeNode(os.getpid(), tag)])
-    assert not (NETNS_DIR / f"{tag}-fake").exists()
+def test_a_node_bound_to_the_orchestrators_namespace_runs_nothing(tmp_path: Path) -> None:
+    ledger = Ledger.create(state_dir=tmp_path / "state")
+    name = f"{ledger.tag}-fake"
+    marker = tmp_path / "ran"
+    subprocess.run(["ip", "netns", "attach", name, str(os.getpid())], check=True,
+                   capture_output=True, timeout=10)
+    try:
+        node = Node("fake", "client", ledger, create=False)
+        with pytest.raises(RuntimeFailure, match="orchestrator's own network namespace"):
+            node.run(["touch", str(marker)])
+        with pytest.raises(RuntimeFailure, match="orchestrator's own network namespace"):
+            node.popen(["touch", str(marker)], label="must not start")
+        with pytest.raises(RuntimeFailure, match="orchestrator's own network namespace"):
+            _ = node.mn
+        assert not marker.exists()
+        assert ledger.data.processes == []
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10)
+        ledger.close()
+    assert not (NETNS_DIR / name).exists()
 
 
 def test_delete_of_a_name_bound_to_the_root_namespace_kills_nothing() -> None:

@@ -96,7 +96,7 @@ def test_to_json_shape_and_round_trip() -> None:
 
 
 def test_essential_flags_match_the_list() -> None:
-    assert {"linux", "root", "mptcp", "mnexec", "ip", "tcpdump", "tshark"} == ESSENTIAL
+    assert {"linux", "root", "mptcp", "mnexec", "nsenter", "ip", "tcpdump", "tshark"} == ESSENTIAL
     assert set(CAPABILITIES) >= ESSENTIAL
 
 
