@@ -22,6 +22,8 @@ pytestmark = pytest.mark.root
 def test_dual_path_matches_its_plan(tmp_path: Path) -> None:
     spec = load_topology("dual_path", {"cell_rate_mbit": None})
     ledger = Ledger.create(state_dir=tmp_path / "state")
+    root_devs = {line.split(":")[0].strip()
+                 for line in Path("/proc/self/net/dev").read_text().splitlines()[2:]}
     try:
         with Network.up(spec, ledger) as net:
             for name, node in net.nodes.items():
@@ -60,6 +62,16 @@ def test_dual_path_matches_its_plan(tmp_path: Path) -> None:
                                          if e.node == name}
                 forwarding = node.run(["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
                 assert forwarding == ("1" if name in net.plan.forwarding else "0")
+                others = node.run(["sysctl", "-n", "net.ipv4.conf.all.rp_filter",
+                                   "net.ipv6.conf.all.disable_ipv6",
+                                   "net.ipv6.conf.default.disable_ipv6",
+                                   "net.mptcp.enabled"]).stdout.split()
+                assert others == ["0", "1", "1", "1"], (name, others)
+                # /proc/net read through the node shows the node's own devices.
+                devs = {line.split(":")[0].strip()
+                        for line in node.read_proc_net("dev").splitlines()[2:]}
+                assert {i.ifname for i in net.plan.interfaces[name]} <= devs, (name, devs)
+                assert devs != root_devs
             # Real reachability: the client reaches the server from each of its addresses.
             server = net.address("server")
             for path in ("wifi", "cell"):
