@@ -211,6 +211,33 @@ def test_tool_version_first_line_then_dpkg_fallback(tmp_path: Path) -> None:
     assert "apt-get install tshark" in missing.fix
 
 
+def test_a_slow_version_is_asked_in_the_background(tmp_path: Path) -> None:
+    import threading
+
+    release = threading.Event()
+    which = {"tshark": "/usr/bin/tshark"}
+    p, runner = prober(tmp_path, {"tshark --version": Ran(0, "TShark (Wireshark) 4.0.17\n", "")},
+                       which=which)
+    def slow(argv: list[str], timeout_s: float, stdin: str | None = None) -> Ran:
+        if argv[:1] == ["/usr/bin/tshark"]:
+            assert release.wait(5)
+        return runner(argv, timeout_s, stdin)
+
+    p.runner = slow
+    report = p.report(later=("tshark",))
+    early = report.check("tshark")
+    assert early is not None and early.ok  # usable: the binary is there
+    assert early.detail == "found [/usr/bin/tshark]; version being probed"
+    release.set()
+    settled = report.settle().check("tshark")
+    assert settled is not None and settled.detail == "TShark (Wireshark) 4.0.17 [/usr/bin/tshark]"
+    assert not report.pending
+    # Absent, it is reported missing at once, with the fix.
+    p2, _ = prober(tmp_path, {}, which={})
+    absent = p2.report(later=("tshark",)).check("tshark")
+    assert absent is not None and not absent.ok and "apt-get install tshark" in absent.fix
+
+
 def test_broken_tool_is_not_ok(tmp_path: Path) -> None:
     p, _ = prober(tmp_path, {"ip -V": Ran(None, "", "", "cannot run /usr/sbin/ip: Exec format")},
                   which={"ip": "/usr/sbin/ip"})
