@@ -25,6 +25,7 @@ ALLOWED_POOLS = tuple(
 )
 MAX_NODES = 256
 MAX_RATE_MBIT = 100_000
+MIN_MTU, MAX_MTU = 576, 65535  # IPv4's minimum datagram every host must take; veth's maximum
 MAX_DELAY_MS = 10_000
 # Path labels name interfaces ("<path><n>", at most 15 characters): at most 12 characters.
 PATH_RE = re.compile(r"^[a-z][a-z0-9_]{0,11}\Z")
@@ -47,6 +48,7 @@ class LinkSpec:
     delay_ms: float | None = None
     loss_pct: float | None = None
     capture: bool = False
+    mtu: int | None = None  # both ends; None: the veth default (1500)
 
     @property
     def name(self) -> str:
@@ -179,7 +181,7 @@ def parse_topology(text: str, file: str, overrides: dict[str, Any]) -> TopologyS
     seen_pairs: set[frozenset[str]] = set()
     for i, body in enumerate(top.sequence("links", max_items=4 * MAX_NODES)):
         f = Fields(body, file, f"links[{i}]",
-                   ("a", "b", "path", "rate_mbit", "delay_ms", "loss_pct", "capture"))
+                   ("a", "b", "path", "rate_mbit", "delay_ms", "loss_pct", "capture", "mtu"))
         a, b = f.str("a"), f.str("b")
         for end, value in (("a", a), ("b", b)):
             if value not in node_names:
@@ -201,6 +203,7 @@ def parse_topology(text: str, file: str, overrides: dict[str, Any]) -> TopologyS
             delay_ms=f.opt_number("delay_ms", lo=0, hi=MAX_DELAY_MS),
             loss_pct=f.opt_number("loss_pct", lo=0, hi=100),
             capture=f.boolean("capture", False),
+            mtu=f.integer("mtu", lo=MIN_MTU, hi=MAX_MTU) if f.has("mtu") else None,
         ))
     if not links:
         raise top.error("links", "no links", "join the nodes with links")

@@ -161,7 +161,7 @@ class Network:
                                           os.O_RDONLY | os.O_CLOEXEC)
                 rt = by_node.setdefault(link.a, nlfast.Rtnl(socks[link.a][0]))
                 i = FIRST_IFINDEX + 2 * n
-                rt.veth(ia.ifname, i, ib.ifname, i + 1, fds[link.b])
+                rt.veth(ia.ifname, i, ib.ifname, i + 1, fds[link.b], link.mtu)
             for name, rt in by_node.items():
                 try:
                     rt.commit()
@@ -189,7 +189,8 @@ class Network:
                 netem.append((idx[intf.ifname], link))
             elif link.rate_mbit:
                 rate_bps = link.rate_mbit * 1e6
-                burst = max(int(rate_bps / 8 / 250), 16 * 1024)  # one 4 ms tick, >= 16 KiB
+                # One 4 ms tick, at least 16 KiB and two full frames.
+                burst = max(int(rate_bps / 8 / 250), 16 * 1024, 2 * ((link.mtu or 1500) + 14))
                 rt.tbf(idx[intf.ifname], rate_bps, burst, TBF_LATENCY_MS / 1000, intf.ifname)
         rules = [r for r in self.plan.rules if r.node == node.name]
         for route in self._routes_by_node().get(node.name, ()):

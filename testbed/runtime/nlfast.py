@@ -39,7 +39,7 @@ NLMSG_ERROR = 2
 NLA_F_NESTED = 0x8000
 RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWQDISC, RTM_NEWRULE = 16, 20, 24, 36, 32
 IFF_UP = 0x1
-IFLA_IFNAME, IFLA_LINKINFO, IFLA_NET_NS_FD = 3, 18, 28
+IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 3, 4, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -302,11 +302,13 @@ def genl_socket() -> socket.socket:
 class Rtnl(Batch):
     """rtnetlink requests, by interface index (the caller assigns indexes at creation)."""
 
-    def veth(self, name: str, index: int, peer: str, peer_index: int, peer_ns_fd: int) -> None:
+    def veth(self, name: str, index: int, peer: str, peer_index: int, peer_ns_fd: int,
+             mtu: int | None = None) -> None:
+        mtu_attr = _u32(IFLA_MTU, mtu) if mtu else b""
         peer_info = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, peer_index, 0, 0)
-        peer_info += _str(IFLA_IFNAME, peer) + _u32(IFLA_NET_NS_FD, peer_ns_fd)
+        peer_info += _str(IFLA_IFNAME, peer) + _u32(IFLA_NET_NS_FD, peer_ns_fd) + mtu_attr
         body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0)
-        body += _str(IFLA_IFNAME, name)
+        body += _str(IFLA_IFNAME, name) + mtu_attr
         body += _nest(IFLA_LINKINFO, _str(IFLA_INFO_KIND, "veth"),
                       _nest(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_info)))
         self.add(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body, f"veth {name} <-> {peer}")

@@ -3,8 +3,11 @@ batched netlink encoder (nlfast) against the address plan, and of real reachabil
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,25 @@ from testbed.runtime.ledger import Ledger
 from testbed.runtime.network import MPTCP_LIMIT_ADD_ADDR, MPTCP_LIMIT_SUBFLOWS, Network
 
 pytestmark = pytest.mark.root
+
+# A UDP datagram filling a 9000-byte IP packet, sent with DF (no fragmentation), then one
+# byte more, which the sender's kernel must refuse.
+SEND_DF = """import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO
+s.sendto(bytes(9000 - 28), (sys.argv[1], 9))
+print("sent")
+try:
+    s.sendto(bytes(9001 - 28), (sys.argv[1], 9))
+except OSError as exc:
+    print("EMSGSIZE" if exc.errno == 90 else exc)
+"""
+RECEIVE_ONE = """import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 9))
+s.settimeout(8)
+print("received", len(s.recv(65535)))
+"""
 
 
 def test_dual_path_matches_its_plan(tmp_path: Path) -> None:
@@ -83,6 +105,43 @@ def test_dual_path_matches_its_plan(tmp_path: Path) -> None:
                      " print('refused')", src, server], timeout=10)
                 assert probe.stdout.strip() == "refused", (path, probe.stderr)
             assert ipaddress.ip_address(server) in spec.pools["core"]
+    finally:
+        ledger.release_all()
+        ledger.close()
+
+
+def test_link_mtu_is_set_on_both_ends_and_carries_full_frames(tmp_path: Path) -> None:
+    """A link's ``mtu`` reaches both veth ends, and a datagram of exactly that size crosses
+    the shaped link unfragmented (DF set); one byte more is refused."""
+    base = load_topology("dual_path")
+    spec = dataclasses.replace(base, links=tuple(
+        dataclasses.replace(link, mtu=9000) for link in base.links))
+    ledger = Ledger.create(state_dir=tmp_path / "state")
+    try:
+        with Network.up(spec, ledger) as net:
+            for name, node in net.nodes.items():
+                with IPRoute(netns=node.netns, flags=0) as ipr:
+                    mtus = {link.get_attr("IFLA_IFNAME"): link.get_attr("IFLA_MTU")
+                            for link in ipr.get_links()}
+                    for intf in net.plan.interfaces[name]:
+                        assert mtus[intf.ifname] == 9000, (name, mtus)
+            # The datagram leaves the client through its TBF, which drops any frame larger
+            # than its burst: a full frame crossing it shows the burst fits the MTU.
+            shaped = net.nodes["client"].run(["tc", "qdisc", "show", "dev", "wifi0"]).stdout
+            assert "tbf" in shaped, shaped
+            wifi_ap = str(net.plan.interface("client", "wifi_ap").peer_address)
+            receiver = net.nodes["wifi_ap"].popen(
+                [sys.executable, "-c", RECEIVE_ONE, wifi_ap], label="udp receiver",
+                stdout=subprocess.PIPE, text=True)
+            try:
+                time.sleep(0.3)
+                sent = net.nodes["client"].run([sys.executable, "-c", SEND_DF, wifi_ap],
+                                               timeout=10)
+                assert sent.stdout.split() == ["sent", "EMSGSIZE"], sent.stdout + sent.stderr
+                out, _ = receiver.communicate(timeout=10)
+                assert out.split() == ["received", str(9000 - 28)], out
+            finally:
+                net.nodes["wifi_ap"].stop(receiver)
     finally:
         ledger.release_all()
         ledger.close()

@@ -215,8 +215,8 @@ def test_unknown_key_in_node_and_link() -> None:
     spec["nodes"]["ap"]["colour"] = "red"
     refused(spec, "nodes.ap.colour", "unknown key", "allowed keys: role")
     spec = mini()
-    spec["links"][1]["mtu"] = 1500
-    refused(spec, "links[1].mtu", "unknown key", "allowed keys: a, b, path, rate_mbit")
+    spec["links"][1]["jitter_ms"] = 5
+    refused(spec, "links[1].jitter_ms", "unknown key", "allowed keys: a, b, path, rate_mbit")
 
 
 def test_unknown_role_lists_allowed_roles() -> None:
@@ -410,3 +410,14 @@ def test_syntax_error_and_non_mapping() -> None:
     with pytest.raises(SpecError) as info:
         parse_topology("- a\n- b\n", FILE, {})
     assert str(info.value).startswith(f"{FILE}: (top level): expected a mapping, got list")
+
+
+def test_link_mtu_is_optional_and_bounded() -> None:
+    assert all(link.mtu is None for link in parse(mini()).links)
+    spec = mini()
+    spec["links"][0]["mtu"] = 9000
+    assert parse(spec).links[0].mtu == 9000
+    for bad, fragment in ((100, "100 is out of range"), (70000, "allowed: 576 to 65535"),
+                          (1500.5, "expected a whole number"), ("big", "expected a number")):
+        spec["links"][0]["mtu"] = bad
+        refused(spec, "links[0].mtu", fragment)
