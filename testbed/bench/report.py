@@ -50,11 +50,15 @@ def targets(sec: dict[str, Any]) -> list[dict[str, Any]]:
                 out.append(_t(f"scenario.matrix_jobs{jobs}_s", f"whole claims matrix, --jobs "
                               f"{jobs} (s)", f"< {MATRIX_MAX_S}", wall, wall < MATRIX_MAX_S))
     fid = sec.get("fidelity")
-    if fid:
-        t, m = fid["tcp"]["fraction_of_one_path"], fid["mptcp"]["fraction_of_sum"]
-        out.append(_t("fidelity.tcp", "TCP goodput / one path's rate", f">= {FIDELITY_MIN}",
-                      t, t >= FIDELITY_MIN))
-        out.append(_t("fidelity.mptcp", "MPTCP goodput / sum of the rates",
+    for tid, f in (("fidelity", fid), ("fidelity_jumbo", (fid or {}).get("jumbo"))):
+        if not f:
+            continue
+        t, m = f["tcp"]["fraction_of_one_path"], f["mptcp"]["fraction_of_sum"]
+        mtu = f.get("mtu", 1500)
+        out.append(_t(f"{tid}.tcp", f"TCP goodput / one path's rate, MTU {mtu}",
+                      f">= {FIDELITY_MIN}", t, t >= FIDELITY_MIN))
+        out.append(_t(f"{tid}.mptcp", f"MPTCP goodput / sum of the rates, MTU {mtu} "
+                      f"(headers allow {f['ceiling']['mptcp']:.1%})",
                       f">= {FIDELITY_MIN}", m, m >= FIDELITY_MIN))
     mc = sec.get("many_connections")
     if mc:
@@ -96,9 +100,11 @@ def table(res: dict[str, Any]) -> str:
                         else "; DIFFERENT from --jobs 1")
                 rows.append((f"claims matrix --jobs {jobs}", f"{scen[f'matrix_jobs{jobs}_s']} s",
                              f"{len(verdicts)} verdicts{same}"))
-    for key in ("fidelity", "unshaped"):
-        if key in sec:
-            f = sec[key]
+    runs = [(key, sec[key]) for key in ("fidelity", "unshaped") if key in sec]
+    if "jumbo" in sec.get("fidelity", {}):
+        runs.insert(1, ("fidelity MTU 9000", sec["fidelity"]["jumbo"]))
+    for key, f in runs:
+        if f:
             for tr in ("tcp", "mptcp"):
                 extra = ""
                 if f.get("rate_mbit_per_path"):
@@ -169,13 +175,17 @@ def plot(res: dict[str, Any], path: Path) -> None:
     for ax, key in ((axes[0][2], "fidelity"), (axes[1][0], "unshaped")):
         if key in sec:
             f = sec[key]
-            trs = ["tcp", "mptcp"]
-            ax.bar(trs, [f[t]["goodput_mbit"]["median"] for t in trs],
-                   yerr=list(zip(*(err(f[t]["goodput_mbit"]) for t in trs), strict=True)),
-                   capsize=4)
+            bars = [(t, f[t]["goodput_mbit"]) for t in ("tcp", "mptcp")]
+            if "jumbo" in f:
+                bars += [(f"{t}\nMTU 9000", f["jumbo"][t]["goodput_mbit"])
+                         for t in ("tcp", "mptcp")]
+            ax.bar([b[0] for b in bars], [b[1]["median"] for b in bars],
+                   yerr=list(zip(*(err(b[1]) for b in bars), strict=True)), capsize=4)
             if f.get("rate_mbit_per_path"):
                 r = f["rate_mbit_per_path"]
-                ax.hlines([r, 2 * r], [-0.4, 0.6], [0.4, 1.4], colors="r", linestyles="--")
+                for i in range(0, len(bars), 2):  # one path's rate for TCP, the sum for MPTCP
+                    ax.hlines([r, 2 * r], [i - 0.4, i + 0.6], [i + 0.4, i + 1.4], colors="r",
+                              linestyles="--")
         ax.set_title(f"{key} goodput (Mbit/s)")
     ax = axes[1][1]
     if "many_connections" in sec:

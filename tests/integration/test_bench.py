@@ -59,11 +59,16 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert scen["parallel_jobs"] == 2 and scen["matrix_jobs"] == []  # the full run only
 
     fid = res["sections"]["fidelity"]
-    for tr in ("tcp", "mptcp"):
-        _stats(fid[tr]["goodput_mbit"])
-        _stats(fid[tr]["wire_mbit"])
-    assert 0 < fid["tcp"]["fraction_of_one_path"] < 1.1
-    assert 0 < fid["mptcp"]["fraction_of_sum"] < 1.1
+    assert fid["mtu"] == 1500 and fid["jumbo"]["mtu"] == 9000
+    for run in (fid, fid["jumbo"]):
+        for tr in ("tcp", "mptcp"):
+            _stats(run[tr]["goodput_mbit"])
+            _stats(run[tr]["wire_mbit"])
+        assert 0 < run["tcp"]["fraction_of_one_path"] < 1.1
+        assert 0 < run["mptcp"]["fraction_of_sum"] < 1.1
+        assert 0 < run["ceiling"]["mptcp"] < run["ceiling"]["tcp"] < 1
+    # Jumbo frames carry proportionally less header: a higher ceiling.
+    assert fid["jumbo"]["ceiling"]["mptcp"] > fid["ceiling"]["mptcp"]
     uns = res["sections"]["unshaped"]
     assert uns["mptcp_over_tcp"] > 0
 
@@ -80,7 +85,7 @@ def test_bench_quick(tmp_path: Path) -> None:
 
     ids = {t["id"] for t in res["targets"]}
     assert {"topology.dual_path_s", "scenario.baseline_s", "scenario.baseline_parallel_s",
-            "fidelity.tcp", "fidelity.mptcp",
+            "fidelity.tcp", "fidelity.mptcp", "fidelity_jumbo.tcp", "fidelity_jumbo.mptcp",
             "many_connections.success", "attack_rate.rawsend"} <= ids
     for t in res["targets"]:
         assert t["met"] in (True, False)
