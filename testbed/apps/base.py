@@ -20,10 +20,14 @@ from testbed.errors import RuntimeFailure
 from testbed.model.outcome import TRANSPORTS, AppOutcome, final_status
 from testbed.runtime.node import Node
 from testbed.runtime.pki import Pki
+from testbed.runtime.procwait import signal_group, wait_exit
 
 LISTEN_TIMEOUT_S = 30.0  # an upper bound on a state wait: slow machines (TCG VMs) need it
-POLL_INTERVAL_S = 0.05
+# A listener poll reads two /proc files (no process is started), so it can be frequent.
+POLL_INTERVAL_S = 0.005
+TCP_LISTEN = 0x0A  # the "st" column of /proc/net/tcp{,6}
 KILL_GRACE_S = 5.0  # beyond ctx.timeout_s, before a client is killed by PID
+SERVER_STOP_GRACE_S = 2.0  # a server's exit after SIGTERM (node.stop's own grace)
 
 
 @dataclass
@@ -85,9 +89,32 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
 
 
+def listening_ports(table: str) -> set[int]:
+    """The local ports of the LISTEN sockets in a /proc/net/tcp or tcp6 table."""
+    ports: set[int] = set()
+    for line in table.splitlines()[1:]:
+        cols = line.split()
+        if len(cols) < 4:
+            continue
+        with contextlib.suppress(ValueError):
+            if int(cols[3], 16) == TCP_LISTEN:
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def is_listening(node: Node, port: int) -> bool:
-    res = node.run(["ss", "-Hltn", f"sport = :{port}"], timeout=5.0, check=False)
-    return res.returncode == 0 and bool(res.stdout.strip())
+    """Whether a TCP or MPTCP socket listens on ``port`` (any address, v4 or v6) in the node.
+
+    Read from the node's /proc/net/tcp{,6} rather than with ``ss`` in the node: no process
+    per poll. An MPTCP listener shows there too (as its in-kernel TCP listener)."""
+    for table in ("tcp", "tcp6"):
+        try:
+            text = node.read_proc_net(table)
+        except OSError:  # no tcp6 table with IPv6 disabled
+            continue
+        if port in listening_ports(text):
+            return True
+    return False
 
 
 def wait_listening(node: Node, proc: subprocess.Popen[Any], port: int, log: Path,
@@ -157,6 +184,10 @@ class App(ABC):
         """Download the payload from the server; bounded by ``ctx.timeout_s``."""
 
     def stop_server(self, node: Node, handle: ServerHandle) -> None:
+        """SIGTERM the server's group and wait for its exit (woken by it, not by a poll
+        tick); ``node.stop`` then reaps it, or escalates if it did not exit in time."""
+        if signal_group(handle.proc):
+            wait_exit(handle.proc, SERVER_STOP_GRACE_S)
         handle.returncode = node.stop(handle.proc)
 
     # -- helpers for subclasses --------------------------------------------------------------

@@ -5,6 +5,11 @@ Each recorder returns from ``start`` only once it is really recording (tcpdump s
 listening; the monitor's netlink socket has joined the MPTCP events group), so that the
 step that follows cannot outrun it. Every process is started with ``Node.popen`` (its own
 session, registered in the run's ledger) and stopped by PID.
+
+``start`` is ``launch`` then ``wait_ready``, and ``stop`` may be preceded by
+``request_stop``: a caller with several recorders launches them all before waiting for any,
+and signals them all before waiting for any, so that their start-up and exit times overlap
+instead of adding up.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from typing import IO, Any
 from testbed.errors import RuntimeFailure, StepTimeout
 from testbed.model.counters import parse_proc_net
 from testbed.runtime.node import Node
+from testbed.runtime.procwait import signal_group, wait_exit
 
 READY_TIMEOUT_S = 5.0
-POLL_S = 0.02
+POLL_S = 0.005  # readiness polls read a small file: cheap, and each start waits less
 NETLINK_GENERIC = 16
 
 
@@ -54,6 +60,8 @@ class _Recorder:
         self.proc = proc
         self._files = files
         self._stopped = False
+        self._term_sent = False
+        self._launched = time.monotonic()
 
     @property
     def pid(self) -> int:
@@ -62,13 +70,25 @@ class _Recorder:
     def running(self) -> bool:
         return not self._stopped and self.proc.poll() is None
 
+    def _deadline(self, timeout_s: float) -> float:
+        return self._launched + timeout_s
+
+    def request_stop(self) -> None:
+        """Send SIGTERM to the process group now and return; ``stop`` then waits for the exit.
+        Several recorders signalled first exit in parallel."""
+        if not self._stopped and not self._term_sent:
+            self._term_sent = signal_group(self.proc)
+
     def stop(self) -> None:
         """SIGTERM (then SIGKILL after a grace period) by PID, reap, close the files.
-        Stopping twice is harmless."""
+        Stopping twice is harmless. After ``request_stop`` it first waits for the exit the
+        signal asked for (not sending SIGTERM twice)."""
         if self._stopped:
             return
         self._stopped = True
         try:
+            if self._term_sent:
+                wait_exit(self.proc, 3.0)
             self.node.stop(self.proc, grace_s=3.0)
         finally:
             for f in self._files:
@@ -105,6 +125,14 @@ class Capture(_Recorder):
     def start(cls, node: Node, ifname: str, pcap: Path, label: str, *,
               bpf_filter: str | None = None, buffer_kib: int = 32768,
               timeout_s: float = READY_TIMEOUT_S) -> Capture:
+        """Start tcpdump; return once it reports listening (``launch`` + ``wait_ready``)."""
+        return cls.launch(node, ifname, pcap, label, bpf_filter=bpf_filter,
+                          buffer_kib=buffer_kib).wait_ready(timeout_s)
+
+    @classmethod
+    def launch(cls, node: Node, ifname: str, pcap: Path, label: str, *,
+               bpf_filter: str | None = None, buffer_kib: int = 32768) -> Capture:
+        """Start tcpdump and return at once: not yet recording until ``wait_ready``."""
         pcap = Path(pcap)
         pcap.parent.mkdir(parents=True, exist_ok=True)
         log = pcap.with_name(pcap.name + ".log")
@@ -118,18 +146,23 @@ class Capture(_Recorder):
         except OSError as exc:
             logf.close()
             raise RuntimeFailure(f"{node.name}: cannot start tcpdump: {exc}") from exc
-        cap = cls(node, proc, [logf], ifname, pcap, log, label)
-        deadline = time.monotonic() + timeout_s
+        return cls(node, proc, [logf], ifname, pcap, log, label)
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> Capture:
+        """Return once tcpdump said it is listening (``timeout_s`` counted from the launch);
+        stop it and raise if it exits or the bound passes."""
+        name, ifname, log = self.node.name, self.ifname, self.log
+        deadline = self._deadline(timeout_s)
         while True:
             if "listening on" in _tail(log):
-                return cap
-            if proc.poll() is not None:
-                cap.stop()
-                raise RuntimeFailure(f"{node.name}: tcpdump on {ifname} exited "
-                                     f"({proc.returncode}): {_tail(log)}")
+                return self
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeFailure(f"{name}: tcpdump on {ifname} exited "
+                                     f"({self.proc.returncode}): {_tail(log)}")
             if time.monotonic() > deadline:
-                cap.stop()
-                raise RuntimeFailure(f"{node.name}: tcpdump on {ifname} did not report "
+                self.stop()
+                raise RuntimeFailure(f"{name}: tcpdump on {ifname} did not report "
                                      f"listening within {timeout_s}s: {_tail(log)}")
             time.sleep(POLL_S)
 
@@ -184,6 +217,12 @@ class MptcpMonitor(_Recorder):
               timeout_s: float = READY_TIMEOUT_S) -> MptcpMonitor:
         """Start the monitor; return once its generic-netlink socket has joined a multicast
         group (the MPTCP events group), so no event after this call is missed."""
+        return cls.launch(node, path, label=label).wait_ready(timeout_s)
+
+    @classmethod
+    def launch(cls, node: Node, path: Path, *,
+               label: str = "ip mptcp monitor") -> MptcpMonitor:
+        """Start the monitor and return at once: events may be missed until ``wait_ready``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         out = path.open("wb")
@@ -193,23 +232,28 @@ class MptcpMonitor(_Recorder):
         except OSError as exc:
             out.close()
             raise RuntimeFailure(f"{node.name}: cannot start ip mptcp monitor: {exc}") from exc
-        mon = cls(node, proc, [out], path)
-        deadline = time.monotonic() + timeout_s
+        return cls(node, proc, [out], path)
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> MptcpMonitor:
+        """Return once the monitor's generic-netlink socket joined a multicast group
+        (``timeout_s`` counted from the launch); stop it and raise if it exits first."""
+        name, path, proc = self.node.name, self.path, self.proc
+        deadline = self._deadline(timeout_s)
         while True:
             socks = [s for s in _netlink_sockets(proc.pid) if s["proto"] == NETLINK_GENERIC]
             if any(s["groups"] for s in socks):
-                return mon
+                return self
             if proc.poll() is not None:
-                mon.stop()
-                raise RuntimeFailure(f"{node.name}: ip mptcp monitor exited "
+                self.stop()
+                raise RuntimeFailure(f"{name}: ip mptcp monitor exited "
                                      f"({proc.returncode}): {_tail(path)}")
             if time.monotonic() > deadline:
                 # The Groups column shows only groups 1..32; a genl socket without a visible
                 # group may still be subscribed to a higher one. Without any, give up.
                 if socks:
-                    return mon
-                mon.stop()
-                raise RuntimeFailure(f"{node.name}: ip mptcp monitor opened no generic "
+                    return self
+                self.stop()
+                raise RuntimeFailure(f"{name}: ip mptcp monitor opened no generic "
                                      f"netlink socket within {timeout_s}s: {_tail(path)}")
             time.sleep(POLL_S)
 

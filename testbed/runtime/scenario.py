@@ -46,7 +46,7 @@ from testbed.runtime.attack import Attack, AttackContext
 from testbed.runtime.evidence import Capture, MptcpMonitor, SsSampler, snapshot_counters
 from testbed.runtime.ledger import Ledger
 from testbed.runtime.network import Network
-from testbed.runtime.observer import summarize_pcap
+from testbed.runtime.observer import PcapAnalysis
 from testbed.runtime.pki import Pki, make_pki
 
 Progress = Callable[[str], None]
@@ -412,9 +412,16 @@ def _finish_attacks(attacks: list[Attack], evidence_dir: Path, ctx: RunContext,
 
 
 @contextlib.contextmanager
-def _recording(net: Network, evidence_dir: Path, ctx: RunContext,
-               evidence: dict[str, str]) -> Iterator[dict[str, Path]]:
-    """Start one capture per path and the MPTCP monitors; stop them however the block ends."""
+def _recording(net: Network, evidence_dir: Path, ctx: RunContext, evidence: dict[str, str],
+               analyses: dict[str, PcapAnalysis],
+               analyse: Callable[[Path], PcapAnalysis]) -> Iterator[dict[str, Path]]:
+    """Start one capture per path and the MPTCP monitors; stop them however the block ends.
+
+    All recorders are launched before any is waited for, and all are signalled before any
+    is waited for: their start-up and exit times overlap. Each capture's observer analysis
+    (``analyses``, started by the caller before the network was built; ``analyse`` for a
+    path it did not foresee; the caller closes them all) is fed the capture as it is
+    written, once tcpdump records."""
     captures: list[Capture] = []
     monitors: list[MptcpMonitor] = []
     pcaps: dict[str, Path] = {}
@@ -425,24 +432,49 @@ def _recording(net: Network, evidence_dir: Path, ctx: RunContext,
             # Observe from the access-network side, as a tap on that path would.
             intf = net.plan.interface(link.b, link.a)
             pcap = evidence_dir / f"{link.path}.pcap"
-            captures.append(Capture.start(net.nodes[link.b], intf.ifname, pcap,
-                                          f"capture {link.path}"))
+            captures.append(Capture.launch(net.nodes[link.b], intf.ifname, pcap,
+                                           f"capture {link.path}"))
             pcaps[link.path] = pcap
             evidence[f"pcap.{link.path}"] = ctx.rel(pcap)
         for role in ("client", "server"):
             for node in (n for n in net.nodes.values() if n.role == role):
                 path = evidence_dir / f"mptcp-monitor-{node.name}.txt"
-                monitors.append(MptcpMonitor.start(node, path))
+                monitors.append(MptcpMonitor.launch(node, path))
                 evidence[f"mptcp_monitor.{node.name}"] = ctx.rel(path)
+        for path_name, pcap in pcaps.items():
+            if path_name not in analyses or analyses[path_name].pcap != pcap:
+                if path_name in analyses:
+                    analyses[path_name].close()
+                analyses[path_name] = analyse(pcap)
+        for rec in (*captures, *monitors):
+            rec.wait_ready()
+        for analysis in analyses.values():
+            analysis.follow()  # feed tshark the capture as tcpdump writes it
         yield pcaps
     finally:
-        for rec in (*captures, *monitors):
+        recorders = (*captures, *monitors)
+        for rec in recorders:
+            with contextlib.suppress(Exception):
+                rec.request_stop()
+        for rec in recorders:
             with contextlib.suppress(Exception):
                 rec.stop()
 
 
 def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
              say: Progress) -> TransportResult:
+    """One transport of a scenario. The early tshark passes (``analyses``) are stopped by
+    PID here however the measurement ends (error, interrupt, SIGTERM turned exception)."""
+    analyses: dict[str, PcapAnalysis] = {}
+    try:
+        return _measure_with(pb, transport, ctx, evidence_dir, say, analyses)
+    finally:
+        for analysis in analyses.values():
+            analysis.close()
+
+
+def _measure_with(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
+                  say: Progress, analyses: dict[str, PcapAnalysis]) -> TransportResult:
     if ctx.pki is None:
         ctx.pki = make_pki(ctx.run_dir / "pki", pb.app.sni)
     payload, payload_sha = _payload(ctx, pb.app.bytes)
@@ -453,6 +485,14 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
     say("building network")
     topology, placed = _place_attackers(pb)
     taps = [tap for _spec, _att, tap in placed if tap is not None]
+
+    def analyse(pcap: Path) -> PcapAnalysis:
+        return PcapAnalysis.start(pcap, sni=pb.app.sni, ledger=ctx.ledger)
+
+    # The observer's tshark passes start now (they need only the SNI), so that their
+    # start-up, at low priority, overlaps the build, the recorders' start and the transfer.
+    for path in dict.fromkeys(link.path for link in topology.links if link.capture):
+        analyses[path] = analyse(evidence_dir / f"{path}.pcap")
     with Network.up(topology, ctx.ledger, sysctls=sysctls, taps=taps) as net, \
             _middleboxes(pb, net, evidence_dir, say) as boxes:
         timings["build_s"] = round(net.build_s, 3)
@@ -466,7 +506,7 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
                              split_client_hello=pb.app.split_client_hello,
                              split_at=pb.app.split_at, split_steer=pb.app.split_steer,
                              tls=pb.app.tls)
-        with _recording(net, evidence_dir, ctx, evidence) as pcaps, \
+        with _recording(net, evidence_dir, ctx, evidence, analyses, analyse) as pcaps, \
                 _attacks(placed, net, transport, pb, evidence_dir, pcaps, say) as attacks:
             before = {name: snapshot_counters(node) for name, node in net.nodes.items()}
             for attack in attacks:
@@ -506,12 +546,13 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
     evidence["app_outcome"] = ctx.rel(outcome_path)
 
     say("analysing captures with tshark")
-    # One tshark per pcap, side by side (separate processes: they use both cores).
+    # The passes have read each capture as it was written; one thread per pcap waits for
+    # the last rows (separate tshark processes: both cores). The threads do not touch the
+    # ledger; the passes are closed (and forgotten) in _measure.
     with ThreadPoolExecutor(max_workers=max(1, len(pcaps))) as pool:
-        futures = {path: pool.submit(summarize_pcap, pcap, sni=pb.app.sni,
-                                     server_addresses=[server_addr],
+        futures = {path: pool.submit(analyses[path].summarize, server_addresses=[server_addr],
                                      total_app_bytes=pb.app.bytes)
-                   for path, pcap in pcaps.items()}
+                   for path in pcaps}
         observers: dict[str, dict[str, Any]] = {path: f.result() for path, f in futures.items()}
     observers_path = evidence_dir / "observers.json"
     observers_path.write_text(json.dumps(observers, indent=1))
