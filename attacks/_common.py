@@ -32,7 +32,7 @@ def received_check(evidence_dir: Path, app_bytes: int, marker: bytes | None = No
     """What the victim application wrote to disk (``<app>-received.bin``, written by the
     python and nginx-curl clients): is it an untouched prefix of the payload, and does it
     hold the attack's marker bytes? ``None`` values where no such file exists."""
-    from attacks._wire import is_payload_prefix
+    from testbed.model.wire import is_payload_prefix
 
     files = sorted(evidence_dir.glob("*-received.bin"))
     if not files:

@@ -29,7 +29,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from attacks._wire import ACK, FIN, RST, SEQ_MOD, SYN, Segment, read_pcap, seq_after, tcp_checksum
+from testbed.model.wire import (
+    ACK,
+    FIN,
+    RST,
+    SEQ_MOD,
+    SYN,
+    Segment,
+    read_pcap,
+    seq_after,
+    tcp_checksum,
+)
 
 TILE = 1000           # payload bytes per forged segment (below the path MTU with options)
 TSVAL_AHEAD_MS = 100

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from attacks._wire import parse_ipv4_tcp, tcp_checksum
+from testbed.model.wire import parse_ipv4_tcp, tcp_checksum
 from testbed.runtime.nfqueue import Queue
 
 

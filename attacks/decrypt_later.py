@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from attacks._wire import payload_pattern
+from testbed.model.wire import payload_pattern
 from testbed.runtime.attack import Attack
 from testbed.runtime.evidence import Capture
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.model.wire import option_spans
 from testbed.runtime.nfqueue import Queue, refresh_checksums
 
 SEQ_MOD = 1 << 32
@@ -144,21 +145,8 @@ class Flow:
 
 def sack_edges(tcp: bytes, doff: int) -> list[int]:
     """Byte offsets (in the TCP header) of every SACK block edge (option 5)."""
-    out, i = [], 20
-    while i < doff:
-        kind = tcp[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= doff or tcp[i + 1] < 2:
-            break
-        size = tcp[i + 1]
-        if kind == 5:
-            out += [i + 2 + 4 * k for k in range((size - 2) // 4)]
-        i += size
-    return out
+    return [20 + start + 2 + 4 * k for kind, start, end in option_spans(tcp[20:doff])
+            if kind == 5 for k in range((end - start - 2) // 4)]
 
 
 class Rewriter:
@@ -289,19 +277,7 @@ class Rewriter:
 
 
 def _option_kinds(raw: bytes) -> bytes:
-    kinds, i = bytearray(), 0
-    while i < len(raw):
-        kind = raw[i]
-        if kind == 0:
-            break
-        kinds.append(kind)
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= len(raw) or raw[i + 1] < 2:
-            break
-        i += raw[i + 1]
-    return bytes(kinds)
+    return bytes(kind for kind, _start, _end in option_spans(raw))
 
 
 def main() -> int:

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from testbed.model.wire import option_spans
 from testbed.runtime.nfqueue import Queue, refresh_checksums
 
 MPTCP_OPTION = 30
@@ -42,26 +43,6 @@ FLAG_NAMES = ((0x02, "S"), (0x10, "A"), (0x01, "F"), (0x04, "R"), (0x08, "P"))
 
 def flag_text(flags: int) -> str:
     return "".join(name for bit, name in FLAG_NAMES if flags & bit)
-
-
-def option_spans(opts: bytes) -> list[tuple[int, int, int]]:
-    """(kind, start, end) of each TCP option in ``opts`` (NOPs included, stops at EOL or a
-    malformed length: what follows cannot be parsed safely and is left alone)."""
-    out = []
-    i = 0
-    while i < len(opts):
-        kind = opts[i]
-        if kind == EOL:
-            break
-        if kind == NOP:
-            out.append((NOP, i, i + 1))
-            i += 1
-            continue
-        if i + 1 >= len(opts) or opts[i + 1] < 2 or i + opts[i + 1] > len(opts):
-            break
-        out.append((kind, i, i + opts[i + 1]))
-        i += opts[i + 1]
-    return out
 
 
 def strip_option(pkt: bytes, mode: str, kind: int = MPTCP_OPTION

@@ -195,7 +195,7 @@ def _shift_seen(before: Path | None, after: Path | None, firsts: list[dict[str, 
     if before is None or after is None or not firsts or not any(
             e["segment_delta"] for e in firsts):
         return None
-    from attacks._wire import seq_after
+    from testbed.model.wire import seq_after
 
     ev = firsts[0]
     delta = ev["delta"]

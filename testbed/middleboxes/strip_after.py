@@ -52,7 +52,7 @@ CORRUPT_STATUSES = ("tls_error", "checksum_mismatch")
 
 def rst_segments(pcap: Path) -> int:
     """RST segments in a pcap (0 when there is none)."""
-    from attacks._wire import RST, read_pcap
+    from testbed.model.wire import RST, read_pcap
 
     if not pcap.exists():
         return 0

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from attacks._wire import payload_pattern
 from testbed.errors import RuntimeFailure
 from testbed.middleboxes.payload_rewrite import QUEUE_NUM, PayloadRewrite
 from testbed.model.result import TransportResult
 from testbed.model.topology import load_topology
+from testbed.model.wire import payload_pattern
 from testbed.runtime.ledger import Ledger
 from testbed.runtime.network import Network
 from testbed.runtime.worker import REPO_ROOT, read_line, worker_env

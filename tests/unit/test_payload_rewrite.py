@@ -13,7 +13,6 @@ import struct
 
 import pytest
 
-from attacks._wire import parse_ipv4_tcp, tcp_checksum
 from testbed.errors import SpecError
 from testbed.middleboxes import MIDDLEBOXES
 from testbed.middleboxes._rewrite_worker import (
@@ -24,6 +23,7 @@ from testbed.middleboxes._rewrite_worker import (
     forward,
     make_rewrite,
 )
+from testbed.model.wire import parse_ipv4_tcp, tcp_checksum
 
 STREAM = bytes(random.Random(7).randrange(256) for _ in range(4000))
 CASES = [

@@ -6,8 +6,8 @@ from __future__ import annotations
 import socket
 import struct
 
-from attacks._wire import parse_ipv4_tcp
-from testbed.middleboxes._strip_worker import Selector, option_spans, strip_option
+from testbed.middleboxes._strip_worker import Selector, strip_option
+from testbed.model.wire import option_spans, parse_ipv4_tcp
 from testbed.runtime.nfqueue import _sum16, refresh_checksums
 
 # Linux's MPTCP SYN: MSS, SACK-permitted + timestamps, NOP + window scale, MP_CAPABLE v1.

@@ -1,6 +1,6 @@
-"""Unit tests of the data-plane attacks' wire helpers (no root): the pcap reader on a
-recorded fixture, the TCP checksum against scapy's, the NFQUEUE rewriter's tamper step and
-the payload-prefix check."""
+"""Unit tests of the wire helpers shared by attacks and middleboxes (no root): the pcap
+reader on a recorded fixture, the TCP checksum against scapy's, the NFQUEUE rewriter's
+tamper step, the payload-prefix check and the TCP option walker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from pathlib import Path
 from scapy.all import IP, TCP, Raw
 
 from attacks._nfq import tamper
-from attacks._wire import SYN, is_payload_prefix, parse_ipv4_tcp, payload_pattern, read_pcap
+from testbed.model.wire import (
+    SYN,
+    is_payload_prefix,
+    option_spans,
+    parse_ipv4_tcp,
+    payload_pattern,
+    read_pcap,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -44,3 +51,11 @@ def test_payload_prefix(tmp_path: Path) -> None:
     bad.write_bytes(b"X" + (period * 40)[1:999])
     assert is_payload_prefix(good, 1000)
     assert not is_payload_prefix(bad, 1000)
+
+
+def test_option_spans_walks_nops_and_stops_at_eol_or_a_bad_length() -> None:
+    opts = bytes([1, 1, 8, 10]) + bytes(8) + bytes([5, 10]) + bytes(8) + bytes([0, 30, 4, 0])
+    assert option_spans(opts) == [(1, 0, 1), (1, 1, 2), (8, 2, 12), (5, 12, 22)]
+    # Option 30 claims 40 bytes where 3 are left: nothing after the MSS is trusted.
+    assert option_spans(bytes([2, 4, 5, 0xB4, 30, 40, 1])) == [(2, 0, 4)]
+    assert option_spans(bytes([3, 1, 1])) == []  # a length below 2 is malformed

@@ -1,6 +1,7 @@
-"""Small wire-format helpers shared by the active attacks (standard library only, so the
-workers that run inside attacker/router nodes import it quickly).
+"""Small wire-format helpers shared by the active attacks and the middleboxes (standard
+library only, so the workers that run inside attacker/router nodes import it quickly).
 
+- ``option_spans``: where each TCP option is (the one walker of TCP options).
 - ``read_pcap``: the TCP segments of a pcap (Ethernet or Linux cooked, IPv4), parsed with
   ``struct``. Fast enough to re-read a growing capture in the middle of a transfer (the
   testbed's tcpdump writes packet by packet, ``-U``).
@@ -44,28 +45,37 @@ class Segment:
         return (self.seq + self.length) % SEQ_MOD
 
 
+def option_spans(opts: bytes) -> list[tuple[int, int, int]]:
+    """(kind, start, end) of each TCP option in ``opts`` (NOPs included; stops at EOL or a
+    malformed length: what follows cannot be parsed safely and is left alone)."""
+    out = []
+    i = 0
+    while i < len(opts):
+        kind = opts[i]
+        if kind == 0:  # EOL
+            break
+        if kind == 1:  # NOP
+            out.append((1, i, i + 1))
+            i += 1
+            continue
+        if i + 1 >= len(opts) or opts[i + 1] < 2 or i + opts[i + 1] > len(opts):
+            break
+        out.append((kind, i, i + opts[i + 1]))
+        i += opts[i + 1]
+    return out
+
+
 def _options(raw: bytes) -> tuple[int | None, int | None, int | None, bool]:
     tsval = tsecr = wscale = None
     mptcp = False
-    i = 0
-    while i < len(raw):
-        kind = raw[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= len(raw) or raw[i + 1] < 2:
-            break
-        size = raw[i + 1]
-        body = raw[i + 2:i + size]
+    for kind, start, end in option_spans(raw):
+        body = raw[start + 2:end]
         if kind == 8 and len(body) == 8:
             tsval, tsecr = struct.unpack("!II", body)
         elif kind == 3 and len(body) == 1:
             wscale = body[0]
         elif kind == 30:
             mptcp = True
-        i += size
     return tsval, tsecr, wscale, mptcp
 
 
