@@ -439,6 +439,12 @@ class PcapAnalysis:
             for p in self._passes:  # an unneeded pass 2 ends now, not at close
                 p.abandon()
 
+    def abandon(self) -> None:
+        """Make the passes exit now (their pipes are closed); returns at once, thread-safe,
+        no ledger access. ``summarize`` then fails; ``close`` is still needed."""
+        for p in self._passes:
+            p.abandon()
+
     def close(self) -> None:
         """Stop the passes that still run, by PID. Idempotent; call it from the thread that
         owns the ledger."""

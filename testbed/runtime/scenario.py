@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,9 +62,22 @@ class RunContext:
     progress: Progress
     pki: Pki | None = None
     payload_dir: Path | None = None
+    # The observer analyses of the transport in progress (added and closed by _measure).
+    analyses: list[PcapAnalysis] = field(default_factory=list)
+    analyses_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def rel(self, path: Path) -> str:
         return str(path.relative_to(self.run_dir))
+
+    def abandon_analyses(self) -> None:
+        """Make the tshark passes of the transport in progress exit now (their pipes are
+        closed; thread-safe, no ledger access). For an interrupt handled in another thread
+        than the slot's: tshark ignores SIGTERM while it waits on its pipe, so the ledger's
+        release would otherwise wait out its grace period for each of them."""
+        with self.analyses_lock:
+            live = list(self.analyses)
+        for analysis in live:
+            analysis.abandon()
 
 
 def now_iso() -> str:
@@ -146,9 +159,11 @@ def _run_parallel(units: list[tuple[Playbook, str, int, str, ScenarioResult]],
     stop = threading.Event()
     pending = list(reversed(units))
     slots = [Ledger.create(results_dir=str(ctx.run_dir.resolve())) for _ in range(jobs)]
+    contexts = {ledger.tag: RunContext(ctx.run_dir, ledger, ctx.report, ctx.progress,
+                                       pki=ctx.pki) for ledger in slots}
 
     def slot(ledger: Ledger) -> None:
-        slot_ctx = RunContext(ctx.run_dir, ledger, ctx.report, ctx.progress, pki=ctx.pki)
+        slot_ctx = contexts[ledger.tag]
         while not stop.is_set():
             with lock:
                 if not pending:
@@ -172,6 +187,8 @@ def _run_parallel(units: list[tuple[Playbook, str, int, str, ScenarioResult]],
                 thread.join(timeout=0.2)
     except BaseException:
         stop.set()
+        for slot_ctx in contexts.values():
+            slot_ctx.abandon_analyses()
         for ledger in slots:
             with contextlib.suppress(Exception):
                 ledger.release_all()
@@ -471,6 +488,8 @@ def _measure(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
     finally:
         for analysis in analyses.values():
             analysis.close()
+        with ctx.analyses_lock:
+            ctx.analyses.clear()
 
 
 def _measure_with(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: Path,
@@ -487,7 +506,10 @@ def _measure_with(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: P
     taps = [tap for _spec, _att, tap in placed if tap is not None]
 
     def analyse(pcap: Path) -> PcapAnalysis:
-        return PcapAnalysis.start(pcap, sni=pb.app.sni, ledger=ctx.ledger)
+        analysis = PcapAnalysis.start(pcap, sni=pb.app.sni, ledger=ctx.ledger)
+        with ctx.analyses_lock:
+            ctx.analyses.append(analysis)
+        return analysis
 
     # The observer's tshark passes start now (they need only the SNI), so that their
     # start-up, at low priority, overlaps the build, the recorders' start and the transfer.
