@@ -30,15 +30,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from testbed.peers.split_hello import (
-    SNI_MIDDLE,
-    BioTls,
-    SplitError,
-    parse_split_at,
-    split_handshake,
-)
+if TYPE_CHECKING:
+    from testbed.peers.split_hello import BioTls
+
+# split_hello.SNI_MIDDLE, not imported from there: the module (dataclasses, inspect) costs
+# every peer process ~15 ms of start-up, and only the S1 client uses it (imported there).
+SNI_MIDDLE = "sni_middle"
 
 IPPROTO_MPTCP = 262
 SOL_MPTCP = 284
@@ -429,6 +428,8 @@ def run_client(args: argparse.Namespace) -> dict[str, Any]:
         if args.keylog:
             ctx.keylog_filename = args.keylog
         if args.split_client_hello:  # claim S1: see testbed/peers/split_hello.py
+            from testbed.peers.split_hello import SplitError, parse_split_at, split_handshake
+
             split: dict[str, Any] = {}
             extra["split"] = split
             try:
