@@ -179,6 +179,15 @@ class App(ABC):
     def start_server(self, node: Node, ctx: AppContext) -> ServerHandle:
         """Start the server in ``node``; return once it listens on ``ctx.port``."""
 
+    def launch_server(self, node: Node, ctx: AppContext) -> ServerHandle:
+        """Start the server without waiting for it to listen (``wait_server`` does), so the
+        caller can overlap its start-up with other waits. By default ``start_server``: an
+        app that does not split the two has its server listening on return."""
+        return self.start_server(node, ctx)
+
+    def wait_server(self, node: Node, handle: ServerHandle) -> None:  # noqa: B027 - no-op
+        """Return once the server of ``launch_server`` listens (nothing to do by default)."""
+
     @abstractmethod
     def run_client(self, node: Node, ctx: AppContext) -> AppOutcome:
         """Download the payload from the server; bounded by ``ctx.timeout_s``."""

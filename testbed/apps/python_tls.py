@@ -40,6 +40,11 @@ class PythonTls(App):
     requires_mptcp: ClassVar[frozenset[str]] = frozenset({"mptcp"})
 
     def start_server(self, node: Node, ctx: AppContext) -> ServerHandle:
+        handle = self.launch_server(node, ctx)
+        self.wait_server(node, handle)
+        return handle
+
+    def launch_server(self, node: Node, ctx: AppContext) -> ServerHandle:
         log = self.file(ctx, "server.log")
         argv = [*_peer("server"), "--transport", ctx.transport, "--port", str(ctx.port),
                 "--cert", str(ctx.pki.server_cert), "--key", str(ctx.pki.server_key),
@@ -51,8 +56,10 @@ class PythonTls(App):
         with log.open("ab") as fh:
             proc = node.popen(argv, label=f"{self.kind} server", stdout=fh, stderr=fh,
                               cwd=REPO_ROOT, env=worker_env())
-        wait_listening(node, proc, ctx.port, log, f"{self.kind} server")
         return ServerHandle(self.kind, node.name, proc, log, ctx.port)
+
+    def wait_server(self, node: Node, handle: ServerHandle) -> None:
+        wait_listening(node, handle.proc, handle.port, handle.log, f"{self.kind} server")
 
     def run_client(self, node: Node, ctx: AppContext) -> AppOutcome:
         stdout, stderr = self.file(ctx, "client.json"), self.file(ctx, "client.stderr")

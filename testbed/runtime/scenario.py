@@ -25,7 +25,7 @@ from typing import Any
 
 from attacks import ATTACKS
 from testbed.apps import APPS
-from testbed.apps.base import AppContext
+from testbed.apps.base import AppContext, ServerHandle
 from testbed.errors import RuntimeFailure, TestbedError
 from testbed.middleboxes import MIDDLEBOXES, Middlebox
 from testbed.model.attachments import Attachment, Tap, attach
@@ -46,6 +46,7 @@ from testbed.runtime.attack import Attack, AttackContext
 from testbed.runtime.evidence import Capture, MptcpMonitor, SsSampler, snapshot_counters
 from testbed.runtime.ledger import Ledger
 from testbed.runtime.network import Network
+from testbed.runtime.node import Node
 from testbed.runtime.observer import PcapAnalysis
 from testbed.runtime.pki import Pki, make_pki
 
@@ -429,13 +430,31 @@ def _finish_attacks(attacks: list[Attack], evidence_dir: Path, ctx: RunContext,
 
 
 @contextlib.contextmanager
+def _server(app: Any, node: Node, app_ctx: AppContext) -> Iterator[list[ServerHandle]]:
+    """A slot for the app's server, launched within the block (``launch_server``, into the
+    list): stopped when the block ends if the body has not stopped it, e.g. when the
+    recorders it was launched alongside fail to start."""
+    launched: list[ServerHandle] = []
+    try:
+        yield launched
+    finally:
+        for handle in launched:
+            if handle.proc.poll() is None:
+                with contextlib.suppress(Exception):
+                    app.stop_server(node, handle)
+
+
+@contextlib.contextmanager
 def _recording(net: Network, evidence_dir: Path, ctx: RunContext, evidence: dict[str, str],
-               analyses: dict[str, PcapAnalysis],
-               analyse: Callable[[Path], PcapAnalysis]) -> Iterator[dict[str, Path]]:
+               analyses: dict[str, PcapAnalysis], analyse: Callable[[Path], PcapAnalysis],
+               meanwhile: Callable[[], None] = lambda: None) -> Iterator[dict[str, Path]]:
     """Start one capture per path and the MPTCP monitors; stop them however the block ends.
 
-    All recorders are launched before any is waited for, and all are signalled before any
-    is waited for: their start-up and exit times overlap. Each capture's observer analysis
+    The recorders' start-up times overlap, and so do their exits (all are signalled before
+    any is waited for). Order: the monitors start (and are waited for) first, so that they
+    see the server's listener being created; then ``meanwhile`` (the server's launch: a
+    listening server sends nothing) and the captures are launched, its start-up overlapping
+    theirs; then the captures are waited for. Each capture's observer analysis
     (``analyses``, started by the caller before the network was built; ``analyse`` for a
     path it did not foresee; the caller closes them all) is fed the capture as it is
     written, once tcpdump records."""
@@ -443,6 +462,14 @@ def _recording(net: Network, evidence_dir: Path, ctx: RunContext, evidence: dict
     monitors: list[MptcpMonitor] = []
     pcaps: dict[str, Path] = {}
     try:
+        for role in ("client", "server"):
+            for node in (n for n in net.nodes.values() if n.role == role):
+                path = evidence_dir / f"mptcp-monitor-{node.name}.txt"
+                monitors.append(MptcpMonitor.launch(node, path))
+                evidence[f"mptcp_monitor.{node.name}"] = ctx.rel(path)
+        for mon in monitors:
+            mon.wait_ready()
+        meanwhile()
         for link in net.spec.links:
             if not link.capture or link.path in pcaps:
                 continue
@@ -453,18 +480,13 @@ def _recording(net: Network, evidence_dir: Path, ctx: RunContext, evidence: dict
                                            f"capture {link.path}"))
             pcaps[link.path] = pcap
             evidence[f"pcap.{link.path}"] = ctx.rel(pcap)
-        for role in ("client", "server"):
-            for node in (n for n in net.nodes.values() if n.role == role):
-                path = evidence_dir / f"mptcp-monitor-{node.name}.txt"
-                monitors.append(MptcpMonitor.launch(node, path))
-                evidence[f"mptcp_monitor.{node.name}"] = ctx.rel(path)
         for path_name, pcap in pcaps.items():
             if path_name not in analyses or analyses[path_name].pcap != pcap:
                 if path_name in analyses:
                     analyses[path_name].close()
                 analyses[path_name] = analyse(pcap)
-        for rec in (*captures, *monitors):
-            rec.wait_ready()
+        for cap in captures:
+            cap.wait_ready()
         for analysis in analyses.values():
             analysis.follow()  # feed tshark the capture as tcpdump writes it
         yield pcaps
@@ -528,14 +550,23 @@ def _measure_with(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: P
                              split_client_hello=pb.app.split_client_hello,
                              split_at=pb.app.split_at, split_steer=pb.app.split_steer,
                              tls=pb.app.tls)
-        with _recording(net, evidence_dir, ctx, evidence, analyses, analyse) as pcaps, \
-                _attacks(placed, net, transport, pb, evidence_dir, pcaps, say) as attacks:
-            before = {name: snapshot_counters(node) for name, node in net.nodes.items()}
-            for attack in attacks:
-                attack.prepare()
+
+        def launch_server() -> None:
+            # A listening server sends nothing and moves no counter: it may start while the
+            # recorders get ready; it is waited for (listening) after them.
             say(f"starting {pb.app.kind} server")
-            handle = app.start_server(server, app_ctx)
+            launched.append(app.launch_server(server, app_ctx))
+
+        with _server(app, server, app_ctx) as launched, \
+                _recording(net, evidence_dir, ctx, evidence, analyses, analyse,
+                           launch_server) as pcaps, \
+                _attacks(placed, net, transport, pb, evidence_dir, pcaps, say) as attacks:
+            handle = launched[0]
             try:
+                app.wait_server(server, handle)
+                before = {name: snapshot_counters(node) for name, node in net.nodes.items()}
+                for attack in attacks:
+                    attack.prepare()
                 say(f"client fetching {pb.app.bytes} bytes over {transport}")
                 sampler = SsSampler.start(client)
                 t1 = time.monotonic()
