@@ -322,8 +322,12 @@ class _PipedTshark:
         if self._failure or self._stop.is_set():
             raise RuntimeFailure(f"copying {self.pcap} to tshark failed: "
                                  f"{self._failure or 'abandoned'}")
+        # tshark names its input in its messages (a truncated capture's warning): name the
+        # file, as when it reads the file itself, so the summary is the same.
+        stderr = bytes(self._err).replace(b"The standard input",
+                                          f'The file "{self.pcap}"'.encode())
         return _tshark_rows(self.pcap, self.fields, self.proc.returncode or 0, bytes(self._out),
-                            bytes(self._err))
+                            stderr)
 
     def complete(self) -> None:
         """The capture file is complete: the pump copies the rest, then closes stdin. From
