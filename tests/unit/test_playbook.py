@@ -69,7 +69,7 @@ def test_baseline_loads_with_defaults() -> None:
     assert book.claim is None
     assert book.topology.name == "dual_path"
     assert book.transports == ("tcp", "mptcp")
-    assert book.app.kind == "python" and book.app.bytes == 4_000_000
+    assert book.app.kind == "python" and book.app.bytes == 2_000_000
     assert book.app.sni == "www.example.test" and book.app.port == 443
     assert book.app.timeout_s == 30
     assert book.middleboxes == [] and book.attacks == []
