@@ -74,7 +74,7 @@ def test_baseline_loads_with_defaults() -> None:
     assert book.app.timeout_s == 30
     assert book.middleboxes == [] and book.attacks == []
     assert book.sysctls == {} and book.repeat == 1 and book.requires == frozenset()
-    assert book.params == {"app": "python", "bytes": 4_000_000, "timeout_s": 30}
+    assert book.params == {"app": "python", "bytes": 2_000_000, "timeout_s": 30}
     assert set(book.expect) == {"tcp", "mptcp"}
     mptcp = {e.label: e for e in book.expect["mptcp"]}
     assert mptcp["subflows"].expected == ("==", 2)
