@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,29 +96,40 @@ def parse_ipv4_tcp(pkt: bytes, ts: float = 0.0) -> Segment | None:
                    seq, ack, flags, win, max(len(tcp) - doff, 0), tsval, tsecr, wscale, mptcp)
 
 
-def read_pcap(path: Path) -> list[Segment]:
-    """Every IPv4 TCP segment of a classic pcap file (a truncated last record is ignored)."""
+def pcap_frames(path: Path) -> tuple[int, Iterator[tuple[float, bytes]]]:
+    """The link type of a classic pcap file and its records as (time, frame), read up to
+    the last whole record (a capture still being written is fine)."""
     data = Path(path).read_bytes()
     if len(data) < 24:
-        return []
+        return 1, iter(())
     magic = data[:4]
     if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
         endian = "<"
     elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
         endian = ">"
     else:
-        raise ValueError(f"{path}: not a classic pcap file")
-    nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
-    linktype = struct.unpack_from(endian + "I", data, 20)[0]
+        raise ValueError(f"{path}: not a classic pcap file (pcapng is not supported)")
+    scale = 1e9 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 1e6
+    record = struct.Struct(endian + "IIII")
+
+    def records() -> Iterator[tuple[float, bytes]]:
+        pos = 24
+        while pos + 16 <= len(data):
+            sec, frac, incl, _orig = record.unpack_from(data, pos)
+            pos += 16
+            if pos + incl > len(data):
+                return
+            yield sec + frac / scale, data[pos:pos + incl]
+            pos += incl
+
+    return struct.unpack_from(endian + "I", data, 20)[0], records()
+
+
+def read_pcap(path: Path) -> list[Segment]:
+    """Every IPv4 TCP segment of a classic pcap file (a truncated last record is ignored)."""
+    linktype, frames = pcap_frames(path)
     out: list[Segment] = []
-    pos = 24
-    while pos + 16 <= len(data):
-        sec, frac, incl, _orig = struct.unpack_from(endian + "IIII", data, pos)
-        pos += 16
-        if pos + incl > len(data):
-            break
-        frame = data[pos:pos + incl]
-        pos += incl
+    for ts, frame in frames:
         if linktype == 1:        # Ethernet
             etype, start = struct.unpack_from("!H", frame, 12)[0] if len(frame) >= 14 else 0, 14
             if etype == 0x8100 and len(frame) >= 18:
@@ -130,7 +142,7 @@ def read_pcap(path: Path) -> list[Segment]:
             continue
         if etype != 0x0800:
             continue
-        seg = parse_ipv4_tcp(frame[start:], sec + frac / (1e9 if nano else 1e6))
+        seg = parse_ipv4_tcp(frame[start:], ts)
         if seg is not None:
             out.append(seg)
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.model import mptcp
+from testbed.model.wire import pcap_frames
 
 
 @dataclass
@@ -107,33 +108,10 @@ _FLAGS = ((0x01, "F"), (0x02, "S"), (0x04, "R"), (0x08, "P"), (0x10, "A"), (0x20
 def read_segments(pcap: Path) -> list[Segment]:
     """Every IPv4 TCP segment of an Ethernet pcap (one still being written is read up to
     its last whole record)."""
-    data = Path(pcap).read_bytes()
-    if len(data) < 24:
-        return []
-    magic = data[:4]
-    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
-        endian = "<"
-    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
-        endian = ">"
-    else:
-        raise ValueError(f"{pcap}: not a pcap file (pcapng is not supported)")
-    nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
-    linktype = struct.unpack(endian + "I", data[20:24])[0]
+    linktype, frames = pcap_frames(pcap)
     if linktype != 1:
         raise ValueError(f"{pcap}: link type {linktype}, only Ethernet (1) is supported")
-    rec = struct.Struct(endian + "IIII")
-    out: list[Segment] = []
-    pos = 24
-    while pos + 16 <= len(data):
-        sec, frac, caplen, _origlen = rec.unpack_from(data, pos)
-        pos += 16
-        if pos + caplen > len(data):
-            break
-        seg = segment_from_frame(data[pos:pos + caplen], sec + frac / (1e9 if nano else 1e6))
-        pos += caplen
-        if seg is not None:
-            out.append(seg)
-    return out
+    return [seg for ts, frame in frames if (seg := segment_from_frame(frame, ts)) is not None]
 
 
 @dataclass(frozen=True)
