@@ -71,6 +71,8 @@ class _Shell(MininetNode):  # type: ignore[misc]
                 if data and data[-1] == chr(127):
                     break
             if time.monotonic() > deadline:
+                self.shell.kill()  # not in the ledger yet: stopped here, by its PID
+                self.shell.wait()
                 raise StepTimeout(f"the Mininet shell of {self.name} did not start within "
                                   f"{SHELL_START_S}s")
         self.waiting = False
