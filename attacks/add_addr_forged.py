@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from attacks._mptcp_active import ActiveMptcpAttack
-from testbed.middleboxes.base import ParamSpec
+from testbed.model.params import ParamSpec
 from testbed.runtime.mptcp_pcap import capable_handshakes
 
 

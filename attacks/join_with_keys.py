@@ -23,8 +23,8 @@ import json
 from typing import Any, ClassVar
 
 from attacks._mptcp_active import ActiveMptcpAttack
-from testbed.middleboxes.base import ParamSpec
 from testbed.model import mptcp
+from testbed.model.params import ParamSpec
 
 
 def expand_dsn(near: int, low32: int) -> int:

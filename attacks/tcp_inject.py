@@ -41,7 +41,7 @@ from attacks._common import (
     received_check,
     start_worker,
 )
-from testbed.middleboxes.base import ParamSpec
+from testbed.model.params import ParamSpec
 from testbed.runtime.attack import Attack
 from testbed.runtime.evidence import snapshot_counters
 

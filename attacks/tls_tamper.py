@@ -29,7 +29,7 @@ import subprocess
 from typing import Any, ClassVar
 
 from attacks._common import iptables, read_line, received_check, start_worker
-from testbed.middleboxes.base import ParamSpec
+from testbed.model.params import ParamSpec
 from testbed.runtime.attack import Attack
 from testbed.runtime.node import Node
 

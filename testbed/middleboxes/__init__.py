@@ -7,7 +7,7 @@ kind's ``validate`` and, at run time, installed in the path's middlebox slot nod
 
 from __future__ import annotations
 
-from testbed.middleboxes.base import Middlebox, ParamSpec
+from testbed.middleboxes.base import Middlebox
 from testbed.middleboxes.blackhole import Blackhole
 from testbed.middleboxes.drop_mptcp_syn import DropMptcpSyn
 from testbed.middleboxes.nat import Nat
@@ -16,6 +16,7 @@ from testbed.middleboxes.proxy import MptcpProxy, TcpProxy
 from testbed.middleboxes.resegment import Resegment
 from testbed.middleboxes.strip_after import StripMptcpAfter
 from testbed.middleboxes.strip_mp_capable import StripMpCapable
+from testbed.model.params import ParamSpec
 
 MIDDLEBOXES: dict[str, type[Middlebox]] = {
     cls.kind: cls for cls in (Nat, StripMpCapable, DropMptcpSyn, Blackhole, Resegment,

@@ -28,7 +28,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,6 +35,7 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
 from testbed.errors import RuntimeFailure, SpecError, TestbedError
+from testbed.model.params import ParamSpec
 
 if TYPE_CHECKING:
     from testbed.runtime.evidence import Capture
@@ -48,59 +48,6 @@ _ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False,
                             keep_trailing_newline=True)
 _RULE_RE = re.compile(r"^-([AI])\s+(\S+)(\s+\d+)?(\s.*)?$")
 WORKER_READY_TIMEOUT_S = 15.0
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter of a middlebox kind."""
-
-    name: str
-    type: type  # int, float, str or bool
-    default: Any
-    help: str
-    choices: tuple[Any, ...] | None = None
-    lo: float | None = None
-    hi: float | None = None
-    # Values that are recognised but refused, with the reason (e.g. not implemented yet).
-    refused: tuple[tuple[Any, str], ...] = ()
-
-    def describe(self) -> str:
-        allowed = ""
-        if self.choices is not None:
-            allowed = f" one of {', '.join(map(str, self.choices))};"
-        elif self.lo is not None or self.hi is not None:
-            lo = "" if self.lo is None else self.lo
-            hi = "" if self.hi is None else self.hi
-            allowed = f" {lo}..{hi};"
-        default = "''" if self.default == "" else self.default
-        return f"{self.type.__name__},{allowed} default {default}: {self.help}"
-
-    def check(self, value: Any, file: str, field: str) -> Any:
-        for bad, why in self.refused:
-            if value == bad:
-                raise SpecError(file, field, f"{value!r} {why}",
-                                f"allowed values: {', '.join(map(str, self.choices or ()))}")
-        if self.type is bool:
-            ok = isinstance(value, bool)
-        elif self.type is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif self.type is float:
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        else:
-            ok = isinstance(value, self.type)
-        if not ok:
-            allowed = (f"allowed values: {', '.join(map(str, self.choices))}"
-                       if self.choices is not None else f"give a {self.type.__name__}")
-            raise SpecError(file, field, f"expected a {self.type.__name__}, got "
-                            f"{value!r}"[:200], allowed)
-        if self.choices is not None and value not in self.choices:
-            raise SpecError(file, field, f"{value!r} is not allowed"[:200],
-                            f"allowed values: {', '.join(map(str, self.choices))}")
-        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
-            raise SpecError(file, field, f"{value!r} is out of range",
-                            f"allowed range: {self.lo}..{self.hi}")
-        return value
 
 
 def render(template: str, context: dict[str, Any]) -> str:

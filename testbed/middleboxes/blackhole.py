@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from testbed.middleboxes.base import Middlebox, ParamSpec
+from testbed.middleboxes.base import Middlebox
+from testbed.model.params import ParamSpec
 
 if TYPE_CHECKING:
     from testbed.runtime.network import Network

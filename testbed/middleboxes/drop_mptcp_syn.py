@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from testbed.middleboxes.base import Middlebox, ParamSpec
+from testbed.middleboxes.base import Middlebox
+from testbed.model.params import ParamSpec
 
 
 class DropMptcpSyn(Middlebox):

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from testbed.errors import SpecError
-from testbed.middleboxes.base import Middlebox, ParamSpec
+from testbed.middleboxes.base import Middlebox
+from testbed.model.params import ParamSpec
 from testbed.runtime.network import Network
 from testbed.runtime.node import Node
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from testbed.errors import TestbedError
-from testbed.middleboxes.base import Middlebox, ParamSpec
+from testbed.middleboxes.base import Middlebox
+from testbed.model.params import ParamSpec
 
 if TYPE_CHECKING:
     from testbed.runtime.network import Network

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from testbed.errors import SpecError
-from testbed.middleboxes.base import Middlebox, ParamSpec
+from testbed.middleboxes.base import Middlebox
 from testbed.middleboxes.strip_mp_capable import WORKER, read_strip_log
 from testbed.model.facts import MIN_PATH_BYTES
+from testbed.model.params import ParamSpec
 
 if TYPE_CHECKING:
     from testbed.runtime.network import Network

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from testbed.errors import SpecError
-from testbed.middleboxes.base import ParamSpec
 from testbed.model.attachments import Attachment
+from testbed.model.params import ParamSpec
 
 if TYPE_CHECKING:
     from testbed.runtime.network import Network
