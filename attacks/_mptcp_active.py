@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 from testbed.errors import RuntimeFailure, StepTimeout
 from testbed.model import mptcp
 from testbed.runtime.attack import Attack
-from testbed.runtime.evidence import Capture
 from testbed.runtime.mptcp_pcap import Segment, capable_handshakes, read_segments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +35,6 @@ class ActiveMptcpAttack(Attack):
     own_capture: ClassVar[bool] = False
 
     worker: subprocess.Popen[str] | None = None
-    capture: Capture | None = None
     _rule: list[str] | None = None
     _own: list[Segment] | None = None
 
@@ -47,9 +45,7 @@ class ActiveMptcpAttack(Attack):
                       "--comment", f"{node.ledger.tag}-{self.kind}", "-j", "DROP"]
         node.run(["iptables", "-w", "5", "-A", *self._rule], timeout=15)
         if self.own_capture:
-            self.pcap = self.ctx.evidence("capture.pcap")
-            self.capture = Capture.start(node, self.ctx.ifname, self.pcap,
-                                         f"{self.kind} capture")
+            self.record_tap()
         self.stderr_path = self.ctx.evidence("worker.log")
         self._stderr = self.stderr_path.open("w")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -69,9 +65,7 @@ class ActiveMptcpAttack(Attack):
                 self.worker.stdin.write('{"op": "quit"}\n')
                 self.worker.stdin.flush()
                 self.worker.wait(timeout=2)
-        if self.capture is not None:
-            self.capture.stop()
-        super().teardown()
+        super().teardown()  # stops the capture too
         if self._rule is not None:
             with contextlib.suppress(Exception):
                 self.ctx.node.run(["iptables", "-w", "5", "-D", *self._rule], timeout=15,

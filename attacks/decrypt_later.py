@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from testbed.model.wire import payload_pattern
 from testbed.runtime.attack import Attack
-from testbed.runtime.evidence import Capture
 
 TSHARK_TIMEOUT_S = 120.0
 # Handshake messages that TLS 1.3 sends encrypted: seeing one means a record was decrypted.
@@ -119,16 +118,11 @@ class DecryptLater(Attack):
     positions: ClassVar[tuple[str, ...]] = ("tap",)
     requires: ClassVar[frozenset[str]] = frozenset({"tcpdump", "tshark"})
 
-    capture: Capture | None = None
-
     def prepare(self) -> None:
-        self.pcap = self.ctx.evidence("capture.pcap")
-        self.capture = Capture.start(self.ctx.node, self.ctx.ifname, self.pcap,
-                                     f"{self.kind} capture")
+        self.record_tap()
 
     def finish(self) -> dict[str, Any]:
-        if self.capture is not None:
-            self.capture.stop()
+        self.stop_recording()
         ctx = self.ctx
         key = _find_server_key(ctx.evidence_dir)
         keylogs = sorted(ctx.evidence_dir.glob("*client-keylog.txt"))
@@ -171,8 +165,3 @@ class DecryptLater(Attack):
                                   "records are split between subflows and tshark has no "
                                   "MPTCP data-level reassembly")
         return report
-
-    def teardown(self) -> None:
-        if self.capture is not None:
-            self.capture.stop()
-        super().teardown()

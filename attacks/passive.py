@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from testbed.runtime.attack import Attack
-from testbed.runtime.evidence import Capture
 from testbed.runtime.observer import summarize_pcap
 
 
@@ -22,17 +21,13 @@ class Passive(Attack):
     positions: ClassVar[tuple[str, ...]] = ("tap",)
     requires: ClassVar[frozenset[str]] = frozenset({"tcpdump", "tshark"})
 
-    capture: Capture | None = None
     total_bytes: int = 0
 
     def prepare(self) -> None:
-        self.pcap = self.ctx.evidence("capture.pcap")
-        self.capture = Capture.start(self.ctx.node, self.ctx.ifname, self.pcap,
-                                     f"{self.kind} capture")
+        self.record_tap()
 
     def finish(self) -> dict[str, Any]:
-        if self.capture is not None:
-            self.capture.stop()
+        self.stop_recording()
         view = summarize_pcap(self.pcap, sni=self.ctx.sni,
                               server_addresses=[self.ctx.server_address],
                               total_app_bytes=self.ctx.app_bytes)
@@ -52,8 +47,3 @@ class Passive(Attack):
             "addresses_seen": view.get("addresses", []),
             "payload_bytes": sum((view.get("payload_bytes") or {}).values()),
         }
-
-    def teardown(self) -> None:
-        if self.capture is not None:
-            self.capture.stop()
-        super().teardown()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from testbed.errors import SpecError
 from testbed.model.attachments import Attachment
 from testbed.model.params import ParamSpec
+from testbed.runtime.evidence import Capture
 
 if TYPE_CHECKING:
     from testbed.runtime.network import Network
@@ -80,6 +81,7 @@ class Attack:
         self.values = values
         self.ctx = ctx
         self._procs: list[subprocess.Popen[Any]] = []
+        self.capture: Capture | None = None
 
     @classmethod
     def validate(cls, params: dict[str, Any], file: str, field: str) -> dict[str, Any]:
@@ -105,7 +107,21 @@ class Attack:
         """After the victim finished: the attack's report."""
         return {}
 
+    def record_tap(self) -> Path:
+        """Start the attacker's own capture of its interface (evidence ``capture.pcap``,
+        in ``self.pcap``); stopped by ``stop_recording`` or at the latest by ``teardown``."""
+        self.pcap = self.ctx.evidence("capture.pcap")
+        self.capture = Capture.start(self.ctx.node, self.ctx.ifname, self.pcap,
+                                     f"{self.kind} capture")
+        return self.pcap
+
+    def stop_recording(self) -> None:
+        """Stop the capture of ``record_tap`` (safe to call again, or without one)."""
+        if self.capture is not None:
+            self.capture.stop()
+
     def teardown(self) -> None:
+        self.stop_recording()
         for proc in self._procs:
             with contextlib.suppress(Exception):
                 self.ctx.node.stop(proc)
