@@ -297,6 +297,15 @@ def _plugins(top: Fields, key: str, where_key: str, registry: dict[str, str],
         if not isinstance(where, str) or where not in places:
             raise top.error(f"{field_name}.{where_key}", f"{where!r} is not allowed",
                             f"allowed values: {', '.join(sorted(places))}")
+        earlier = next((j for j, spec in enumerate(out)
+                        if spec.kind == kind and spec.where == where), None)
+        if earlier is not None and key == "middleboxes":
+            # A box's rule marker and evidence files are named by path and kind: a second
+            # box of the kind on the path would share them (its teardown removing the
+            # first's rules).
+            raise top.error(f"{field_name}.kind", f"a second {kind!r} on path {where!r} "
+                            f"(the first is {key}[{earlier}])",
+                            f"one {kind} per path; combine their parameters")
         params = {k: v for k, v in body.items() if k not in ("kind", where_key)}
         validate = (validators or {}).get(str(kind))
         if validate is not None:

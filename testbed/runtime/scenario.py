@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -415,11 +415,18 @@ def _run_with_attacks(app: Any, app_ctx: AppContext, net: Network, attacks: list
         return future.result(), mid
 
 
+def report_key(kind: str, index: int, taken: Container[str]) -> str:
+    """Where a plugin's report goes in the facts (``expect: {attack|middlebox: {key: ...}}``):
+    its kind, or ``kind[index]`` (its position in the playbook's list) when an earlier one
+    of the kind took that."""
+    return kind if kind not in taken else f"{kind}[{index}]"
+
+
 def _finish_attacks(attacks: list[Attack], evidence_dir: Path, ctx: RunContext,
                     evidence: dict[str, str]) -> dict[str, Any]:
     reports: dict[str, Any] = {}
     for i, attack in enumerate(attacks):
-        key = attack.kind if attack.kind not in reports else f"{attack.kind}[{i}]"
+        key = report_key(attack.kind, i, reports)
         reports[key] = attack.finish()
         path = evidence_dir / f"attack-{attack.ctx.attachment.node}.json"
         path.write_text(json.dumps(reports[key], indent=1, default=str))
@@ -614,7 +621,10 @@ def _measure_with(pb: Playbook, transport: str, ctx: RunContext, evidence_dir: P
     facts = derive_facts(transport=transport, outcome=outcome_json, counters=counters,
                          observers=observers, server=server.name, app_bytes=pb.app.bytes)
     mb_facts = {**facts, "outcome": outcome_json}
-    mb_reports = {box.kind: report for box in boxes if (report := box.finish(mb_facts))}
+    mb_reports: dict[str, Any] = {}
+    for i, box in enumerate(boxes):
+        if report := box.finish(mb_facts):
+            mb_reports[report_key(box.kind, i, mb_reports)] = report
     if mb_reports:
         facts["middlebox"] = mb_reports
     if placed:

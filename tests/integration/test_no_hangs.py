@@ -48,6 +48,9 @@ def test_blackholed_paths_end_as_timeout_in_bound(tmp_path: Path) -> None:
         assert tr.verdict == Verdict.CONFIRMED, (transport, tr.reason)
         assert tr.timings["client_s"] <= timeout_s + KILL_GRACE_S + MARGIN_S, \
             (transport, tr.timings)
+        # One blackhole per path: the second's report sits beside the first's (its
+        # position in the playbook's list), as a repeated attack kind's does.
+        assert set(tr.facts["middlebox"]) == {"blackhole", "blackhole[1]"}, tr.facts
 
 
 @pytest.mark.parametrize("transport", ["tcp", "mptcp"])

@@ -274,6 +274,19 @@ def test_unknown_middlebox_kind_says_available_kinds(monkeypatch: pytest.MonkeyP
     refused(base(middleboxes=["nat"]), "middleboxes[0]", "expected a mapping")
 
 
+def test_a_second_box_of_one_kind_on_one_path_is_refused() -> None:
+    """A box's rule marker and evidence are named by path and kind: two of one kind on one
+    path would share them. On different paths they are fine (blackhole both paths)."""
+    refused(base(middleboxes=[{"kind": "nat", "path": "wifi"},
+                              {"kind": "drop_mptcp_syn", "path": "cell"},
+                              {"kind": "nat", "path": "wifi"}]),
+            "middleboxes[2].kind", "a second 'nat' on path 'wifi' (the first is "
+            "middleboxes[0])", "one nat per path")
+    book = parse(base(middleboxes=[{"kind": "nat", "path": "wifi"},
+                                   {"kind": "nat", "path": "cell"}]))
+    assert [(m.kind, m.where) for m in book.middleboxes] == [("nat", "wifi"), ("nat", "cell")]
+
+
 def test_unknown_attack_kind_and_position(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pb, "ATTACK_KINDS", {})
     refused(base(attacks=[{"kind": "inject", "position": "tap"}]), "attacks[0].kind",
