@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from testbed.model import mptcp
+from testbed.model.wire import tcp_checksum
 from testbed.runtime.mptcp_pcap import Segment, segment_from_frame
 
 MSS = 1460
@@ -515,14 +516,8 @@ def _patch_tcp(frame: bytes, *, seq: int, ack: int, window: int, tsval: int,
     struct.pack_into("!H", buf, tcp + 14, window)
     assert buf[tcp + 22] == 8, "the template starts its options with NOP NOP TS"
     struct.pack_into("!II", buf, tcp + 24, tsval & 0xFFFFFFFF, tsecr & 0xFFFFFFFF)
-    struct.pack_into("!H", buf, tcp + 16, 0)
-    seg = bytes(buf[tcp:])
-    pseudo = bytes(buf[26:34]) + struct.pack("!BBH", 0, 6, len(seg))
-    data = pseudo + seg + (b"\0" if len(seg) % 2 else b"")
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    struct.pack_into("!H", buf, tcp + 16, ~total & 0xFFFF)
+    struct.pack_into("!H", buf, tcp + 16, tcp_checksum(bytes(buf[26:30]), bytes(buf[30:34]),
+                                                       bytes(buf[tcp:])))
     return bytes(buf)
 
 

@@ -22,6 +22,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from testbed.model.wire import internet_checksum
+
 KIND = 30
 MP_CAPABLE, MP_JOIN, DSS, ADD_ADDR, REMOVE_ADDR, MP_PRIO, MP_FAIL, MP_FASTCLOSE, \
     MP_TCPRST = range(9)
@@ -87,13 +89,8 @@ def add_addr_hmac(sender_key: int, receiver_key: int, addr_id: int, addr: str,
 def dss_checksum(dsn: int, subflow_seq: int, length: int, payload: bytes) -> int:
     """The DSS checksum: ones' complement sum over the pseudo-header (64-bit DSN, subflow
     sequence, data-level length, zero checksum) and the payload (RFC 8684 §3.3.1)."""
-    data = struct.pack("!QIHH", dsn & MASK64, subflow_seq, length, 0) + payload
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return internet_checksum(struct.pack("!QIHH", dsn & MASK64, subflow_seq, length, 0)
+                             + payload)
 
 
 # -- suboptions ------------------------------------------------------------------------------

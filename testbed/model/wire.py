@@ -153,16 +153,21 @@ def seq_after(a: int, b: int) -> bool:
     return 0 < (a - b) % SEQ_MOD < (1 << 31)
 
 
-def tcp_checksum(src: bytes, dst: bytes, segment: bytes) -> int:
-    """The TCP checksum of ``segment`` (its checksum field taken as zero)."""
-    seg = segment[:16] + b"\x00\x00" + segment[18:]
-    data = src + dst + struct.pack("!BBH", 0, 6, len(seg)) + seg
+def internet_checksum(data: bytes) -> int:
+    """The ones' complement of the ones' complement sum of ``data``'s 16-bit words (RFC
+    1071: IPv4 header, TCP, and MPTCP's DSS checksum)."""
     if len(data) % 2:
         data += b"\x00"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
+
+
+def tcp_checksum(src: bytes, dst: bytes, segment: bytes) -> int:
+    """The TCP checksum of ``segment`` (its checksum field taken as zero)."""
+    seg = segment[:16] + b"\x00\x00" + segment[18:]
+    return internet_checksum(src + dst + struct.pack("!BBH", 0, 6, len(seg)) + seg)
 
 
 def payload_pattern(size: int) -> bytes:

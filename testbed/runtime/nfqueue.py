@@ -13,6 +13,8 @@ import socket
 import struct
 from collections.abc import Iterator
 
+from testbed.model.wire import internet_checksum
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
@@ -101,15 +103,6 @@ class Queue:
         self.sock.send(_msg(NFQNL_MSG_VERDICT, self.queue, attrs, self.seq))
 
 
-def _sum16(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
 def refresh_checksums(pkt: bytearray) -> bytearray:
     """Recompute the IPv4 header checksum and the TCP checksum of an IPv4/TCP packet in
     place (after its options, payload or length changed); the IPv4 total length must
@@ -117,9 +110,9 @@ def refresh_checksums(pkt: bytearray) -> bytearray:
     ihl = (pkt[0] & 0x0F) * 4
     total = struct.unpack_from("!H", pkt, 2)[0]
     struct.pack_into("!H", pkt, 10, 0)
-    struct.pack_into("!H", pkt, 10, ~_sum16(bytes(pkt[:ihl])) & 0xFFFF)
+    struct.pack_into("!H", pkt, 10, internet_checksum(bytes(pkt[:ihl])))
     seg = pkt[ihl:total]
     struct.pack_into("!H", pkt, ihl + 16, 0)
     pseudo = bytes(pkt[12:20]) + struct.pack("!BBH", 0, 6, len(seg))
-    struct.pack_into("!H", pkt, ihl + 16, ~_sum16(pseudo + bytes(pkt[ihl:total])) & 0xFFFF)
+    struct.pack_into("!H", pkt, ihl + 16, internet_checksum(pseudo + bytes(pkt[ihl:total])))
     return pkt

@@ -7,8 +7,8 @@ import socket
 import struct
 
 from testbed.middleboxes._strip_worker import Selector, strip_option
-from testbed.model.wire import option_spans, parse_ipv4_tcp
-from testbed.runtime.nfqueue import _sum16, refresh_checksums
+from testbed.model.wire import internet_checksum, option_spans, parse_ipv4_tcp
+from testbed.runtime.nfqueue import refresh_checksums
 
 # Linux's MPTCP SYN: MSS, SACK-permitted + timestamps, NOP + window scale, MP_CAPABLE v1.
 SYN_OPTS = (bytes([2, 4, 0x05, 0xB4, 4, 2, 8, 10]) + bytes(8) + bytes([1, 3, 3, 7])
@@ -27,7 +27,7 @@ def checksums_ok(pkt: bytes) -> bool:
     ihl = (pkt[0] & 0x0F) * 4
     total = struct.unpack_from("!H", pkt, 2)[0]
     pseudo = pkt[12:20] + struct.pack("!BBH", 0, 6, total - ihl)
-    return _sum16(pkt[:ihl]) == 0xFFFF and _sum16(pseudo + pkt[ihl:total]) == 0xFFFF
+    return internet_checksum(pkt[:ihl]) == 0 and internet_checksum(pseudo + pkt[ihl:total]) == 0
 
 
 def test_remove_shortens_header_and_keeps_other_options() -> None:
