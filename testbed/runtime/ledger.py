@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -169,9 +168,8 @@ class Ledger:
             if kill_process_group(proc.pid, proc.start_time):
                 done.append(f"stopped process {proc.pid} ({proc.label} on {proc.node})")
         self.data.processes = []
-        for name in reversed(self.data.netns):
-            if delete_netns(name, self.tag):
-                done.append(f"deleted namespace {name}")
+        for name in delete_netns_many(list(reversed(self.data.netns)), self.tag):
+            done.append(f"deleted namespace {name}")
         self.data.netns = []
         for tmp in self.data.temp_dirs:
             if Path(tmp).exists() and self.tag in Path(tmp).name:
@@ -223,41 +221,10 @@ def _is_zombie(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
-def delete_netns(name: str, tag: str) -> bool:
-    """Delete the named namespace ``name`` if it carries ``tag``; kill what still runs in it."""
-    if not name.startswith(f"{tag}-") or not (NETNS_DIR / name).exists():
-        return False
-    if _is_protected_netns(NETNS_DIR / name):
-        # A name bound to the orchestrator's (or PID 1's) namespace: unname it, kill nothing.
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10)
-        return True
-    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
-                          timeout=10).stdout.split()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
-    subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10)
-    return True
-
-
-def _is_protected_netns(path: Path) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    for own in ("/proc/self/ns/net", "/proc/1/ns/net"):
-        with contextlib.suppress(OSError):
-            o = os.stat(own)
-            if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
-                return True
-    return False
-
-
 def delete_netns_many(names: list[str], tag: str) -> list[str]:
-    """``delete_netns`` for many namespaces at once: one scan of /proc for the processes
-    still in them (SIGKILLed), then each is unmounted and its name removed in-process (as
-    ``ip netns delete`` does). Only names that carry
-    ``tag`` and exist are touched; returns those."""
+    """Delete the named namespaces ``names`` that carry ``tag`` and exist; return those.
+    One scan of /proc finds the processes still in them (SIGKILLed); then each is
+    unmounted and its name removed in-process (as ``ip netns delete`` does)."""
     mine = [n for n in names if n.startswith(f"{tag}-") and (NETNS_DIR / n).exists()]
     if not mine:
         return []
