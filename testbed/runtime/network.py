@@ -61,7 +61,7 @@ class Network:
         ``{"*": {"net.mptcp.checksum_enabled": 1}}``. ``taps`` (from
         ``testbed.model.attachments.attach``) get a mirror of their path's access link.
         """
-        net = cls(spec, AddressPlan(), ledger)  # planned in _build
+        net = cls(spec, plan_addresses(spec), ledger)
         try:
             t0 = time.monotonic()
             net._build(sysctls or {}, progress or (lambda _msg: None))
@@ -73,7 +73,6 @@ class Network:
             net.down()
 
     def _build(self, sysctls: dict[str, dict[str, Any]], progress: Callable[[str], None]) -> None:
-        self.plan = plan_addresses(self.spec)
         progress(f"creating {len(self.spec.nodes)} nodes")
         # Namespace names go into the ledger before the namespaces exist.
         self.ledger.add_netns_many([f"{self.ledger.tag}-{n.name}" for n in self.spec.nodes])

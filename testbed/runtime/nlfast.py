@@ -5,12 +5,13 @@ link subnet per node). pyroute2 spends about a millisecond of Python per request
 helper per namespace socket; here every request is packed with ``struct`` into one buffer,
 sent in one ``sendmsg`` per batch, and the acknowledgements are read back and checked.
 
-Sockets are opened in a short-lived thread that entered the namespace with ``setns(2)``
-(network namespaces are per thread), after checking that the thread really is in the
-wanted namespace and not in the root one. A socket stays bound to the namespace it was
-created in, so the orchestrator's main thread then uses it without ever leaving its own
-namespace. The same thread writes the node's sysctls (``/proc/sys/net`` resolves to the
-namespace of the thread that opens it).
+Sockets are opened in a short-lived thread inside the namespace (network namespaces are
+per thread): the thread that creates the namespaces (``create_namespaces``, ``unshare``), or
+one that entered an existing namespace with ``setns(2)`` (``in_netns``), each after checking
+that it really is in the wanted namespace and not in the root one. A socket stays bound to
+the namespace it was created in, so the orchestrator's main thread then uses it without
+ever leaving its own namespace. The same thread writes the node's sysctls
+(``/proc/sys/net`` resolves to the namespace of the thread that opens it).
 """
 
 from __future__ import annotations

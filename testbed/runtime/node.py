@@ -3,8 +3,8 @@ netns exec`` into it during a run and netlink sockets can be opened in it) in wh
 processes run through ``nsenter``. Every process started in a node is registered in the
 run's ledger and stopped by PID.
 
-A node has no resident process: namespaces are created in one ``ip -batch`` for the whole
-network, as plain ``ip netns add`` would. Mininet's host API is there on demand:
+A node has no resident process: the namespaces of a network are created in-process, as
+``ip netns add`` does (``nlfast.create_namespaces``). Mininet's host API is there on demand:
 ``node.mn`` starts a Mininet host whose shell lives in the node's namespace (for
 ``mininet.link.Link``, ``cmd()``, the Mininet CLI), stopped by PID with the node. Starting
 a Mininet shell for every node (bash, its prompt, a command round trip: ~4 ms each) was
