@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,7 @@ except OSError as exc:
 RECEIVE_ONE = """import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((sys.argv[1], 9))
+print("bound", flush=True)
 s.settimeout(8)
 print("received", len(s.recv(65535)))
 """
@@ -134,7 +135,9 @@ def test_link_mtu_is_set_on_both_ends_and_carries_full_frames(tmp_path: Path) ->
                 [sys.executable, "-c", RECEIVE_ONE, wifi_ap], label="udp receiver",
                 stdout=subprocess.PIPE, text=True)
             try:
-                time.sleep(0.3)
+                assert receiver.stdout is not None
+                ready, _, _ = select.select([receiver.stdout], [], [], 10)
+                assert ready and receiver.stdout.readline().strip() == "bound"
                 sent = net.nodes["client"].run([sys.executable, "-c", SEND_DF, wifi_ap],
                                                timeout=10)
                 assert sent.stdout.split() == ["sent", "EMSGSIZE"], sent.stdout + sent.stderr
